@@ -1,0 +1,45 @@
+# rmt-pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+# Debian packages FFCV needs to build (libjpeg-turbo, OpenCV, pkg-config).
+SYSTEM_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-fast lint
+help:
+	@echo "make setup      create $(VENV) with the project, FFCV and dev tools (idempotent)"
+	@echo "make test       the whole test suite (what CI runs)"
+	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make lint       ruff"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages: $$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages: $$missing"; \
+	    echo "install them (Debian/Ubuntu: sudo apt-get install -y $$missing) and run 'make setup' again"; \
+	    exit 1; \
+	  fi; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[ffcv,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests bench
