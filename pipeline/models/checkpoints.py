@@ -1,0 +1,38 @@
+"""Reading RMT weights from the files people actually have: official releases, our exports, DeepSpeed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.models.rmt import checkpoint_filter_fn
+
+
+class CheckpointError(ValueError):
+    """A weights file that is missing, unreadable or not an RMT state dict."""
+
+
+def load_rmt_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """State dict from an official RMT checkpoint (`{'model': ...}` / `{'model_ema': ...}`), a plain
+    state dict (.pth) or a safetensors file, with `module.` prefixes removed. `use_ema` picks the EMA
+    weights of a file that has them."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    if use_ema:
+        ema = obj.get("model_ema") or obj.get("state_dict_ema")
+        if not isinstance(ema, dict):
+            raise CheckpointError(f"checkpoint {path} has no EMA weights (keys: {sorted(obj)[:8]})")
+        obj = ema
+    return checkpoint_filter_fn(obj, model=None)
