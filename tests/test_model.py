@@ -130,7 +130,8 @@ def test_features_only_shapes_and_strides():
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     with torch.no_grad():
         outs = backbone(torch.randn(1, 3, 128, 96))
-    assert [tuple(o.shape) for o in outs] == [(1, 64, 32, 24), (1, 128, 16, 12), (1, 256, 8, 6), (1, 512, 4, 3)]
+    shapes = [tuple(o.shape) for o in outs]
+    assert shapes == [(1, 64, 32, 24), (1, 128, 16, 12), (1, 256, 8, 6), (1, 512, 4, 3)]
     two = timm.create_model("rmt_t", features_only=True, out_indices=(1, 2))
     assert len(two.model.layers) == 3
     assert [o.shape[1] for o in two(torch.randn(1, 3, 64, 64))] == [128, 256]

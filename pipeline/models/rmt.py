@@ -338,7 +338,8 @@ class RMT(nn.Module):
         """Non-reentrant activation checkpointing of every block; a sequence enables it per stage."""
         flags = [enable] * len(self.layers) if isinstance(enable, bool) else list(enable)
         if len(flags) != len(self.layers):
-            raise ValueError(f"set_grad_checkpointing needs {len(self.layers)} per-stage flags, got {len(flags)}")
+            raise ValueError(
+                f"set_grad_checkpointing needs {len(self.layers)} per-stage flags, got {len(flags)}")
         for stage, flag in zip(self.layers, flags, strict=True):
             stage.grad_checkpointing = bool(flag)
 
