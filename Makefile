@@ -43,3 +43,14 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench
+
+# ---- SLURM (launch/): a real one-node cluster on this machine, for the launch-script tests ----
+.PHONY: slurm-up slurm-down slurm-test
+slurm-up:  ## install (as root, if missing) and start munged + slurmctld + slurmd; then: source $$SLURM_LOCAL_DIR/env.sh
+	bash tests/slurm/start-local-slurm.sh
+
+slurm-down:  ## stop the daemons slurm-up started (and cancel the cluster's jobs)
+	bash tests/slurm/stop-local-slurm.sh
+
+slurm-test: setup  ## the SLURM tests (they start and stop the cluster themselves when it is not up)
+	$(PY) -m pytest -m slurm $(PYTEST_ARGS)

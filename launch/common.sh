@@ -1,0 +1,172 @@
+# Shared logic of the launch scripts: settings, SLURM -> torch.distributed, srun, signals, requeue.
+#
+# Sourced (never run) by launch/rmt_l_64gpu.sh, launch/rmt_b_32gpu.sh and launch/local.sh after they
+# set RMT_ROOT (the repository), RMT_DEFAULT_CONFIG and RMT_DEFAULT_RUN_NAME. See launch/README.md.
+#
+# Environment (all optional):
+#   CONFIG        recipe YAML                      (default: the script's own, e.g. configs/rmt_l.yaml)
+#   RUN_DIR       output dir; same dir = resume    (default: runs/<script name> in the repository)
+#   SHARDS        OUT folder of `make shards`      (default: the config's data.root)
+#   PYTHON        interpreter or wrapper           (default: .venv/bin/python if present, else python3)
+#   DEVICE        cpu | cuda | auto                (default: cpu when the job has 0 GPUs per node, else auto)
+#   MASTER_PORT   rendezvous port                  (default: 20000 + job id % 20000)
+#   MAX_REQUEUES  requeues before giving up        (default: 20)
+#   SRUN_WAIT     seconds srun waits for the other tasks once one has exited (default: 120)
+#   SRUN_ARGS     extra srun options (containers: --container-image=...; bindings; ...)
+#   SITE_SETUP    file sourced before training (module loads, conda, NCCL site settings)
+#                 (default: launch/site.sh when it exists)
+#   NCCL_*        passed through; NCCL_DEBUG defaults to WARN (see launch/README.md)
+
+# The trainer's exit codes (run contract): 0 finished, 75 checkpointed on a signal: requeue me.
+RMT_EXIT_REQUEUE=75
+
+rmt_log() { printf '[launch %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+rmt_fail() { rmt_log "error: $*"; exit 2; }
+
+# Absolute path of $1, relative paths taken from the submit directory (the job's start directory).
+rmt_abspath() { realpath -m -- "$1"; }
+
+# Resolve CONFIG / RUN_DIR / SHARDS / PYTHON / DEVICE and build RMT_TRAIN_ARGS (the trainer's argv
+# after `python -m pipeline train`). $1: GPUs per node as the scheduler sees them ("" = unknown).
+rmt_resolve_settings() {
+  local gpus_per_node=$1; shift
+  CONFIG=$(rmt_abspath "${CONFIG:-$RMT_ROOT/$RMT_DEFAULT_CONFIG}")
+  RUN_DIR=$(rmt_abspath "${RUN_DIR:-$RMT_ROOT/runs/$RMT_DEFAULT_RUN_NAME}")
+  [ -f "$CONFIG" ] || rmt_fail "CONFIG=$CONFIG does not exist; set CONFIG to a recipe file such as configs/rmt_l.yaml"
+  if [ -n "${SHARDS:-}" ]; then
+    SHARDS=$(rmt_abspath "$SHARDS")
+    [ -f "$SHARDS/manifest.json" ] || \
+      rmt_fail "SHARDS=$SHARDS has no manifest.json; point SHARDS at the OUT folder of 'make shards'"
+  fi
+  if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$RMT_ROOT/.venv/bin/python" ]; then PYTHON=$RMT_ROOT/.venv/bin/python; else PYTHON=python3; fi
+  fi
+  if [ -z "${DEVICE:-}" ]; then
+    if [ "$gpus_per_node" = 0 ]; then DEVICE=cpu; else DEVICE=auto; fi
+  fi
+  case "$DEVICE" in cpu|cuda|auto) ;; *) rmt_fail "DEVICE=$DEVICE is not one of cpu, cuda, auto" ;; esac
+  RMT_TRAIN_ARGS=(--config "$CONFIG" "output_dir=$RUN_DIR")
+  [ -n "${SHARDS:-}" ] && RMT_TRAIN_ARGS+=("data.root=$SHARDS")
+  RMT_TRAIN_ARGS+=("train.device=$DEVICE")
+  RMT_TRAIN_ARGS+=("$@")
+}
+
+# The checkpoint tag a start would resume from, or "none (fresh start)".
+rmt_resume_point() {
+  local latest=$RUN_DIR/checkpoints/latest
+  if [ -s "$latest" ]; then echo "$RUN_DIR/checkpoints/$(cat "$latest")"; else echo "none (fresh start)"; fi
+}
+
+rmt_site_setup() {
+  local site=${SITE_SETUP:-$RMT_ROOT/launch/site.sh}
+  if [ -n "${SITE_SETUP:-}" ] && [ ! -f "$site" ]; then rmt_fail "SITE_SETUP=$site does not exist"; fi
+  if [ -f "$site" ]; then
+    rmt_log "sourcing $site"
+    # shellcheck disable=SC1090
+    source "$site"
+  fi
+}
+
+rmt_nccl_defaults() {
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+  # Fail a collective with an error instead of hanging when a peer dies (torch >= 2.2 name).
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+}
+
+# ---- SLURM batch job ------------------------------------------------------------------------------
+
+rmt_on_usr1() {
+  if [ -n "${RMT_SRUN_PID:-}" ]; then
+    rmt_log "SIGUSR1 (time limit or preemption warning): forwarding to the training tasks"
+    kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || true
+  else
+    RMT_EARLY_SIGNAL=1
+  fi
+}
+
+rmt_requeue_or_stop() { # $1: why
+  local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20}
+  if [ "$restarts" -ge "$max" ]; then
+    rmt_log "NOT requeuing: this job was already requeued $restarts times (MAX_REQUEUES=$max)."
+    rmt_log "To continue, submit the same command again: it resumes from $(rmt_resume_point)"
+    return "$RMT_EXIT_REQUEUE"
+  fi
+  rmt_log "$1: requeuing job $SLURM_JOB_ID (requeue $((restarts + 1)) of at most $max);" \
+    "it will resume from $(rmt_resume_point)"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    rmt_log "scontrol requeue failed (job submitted with --no-requeue?). Submit the same command again to resume."
+    return "$RMT_EXIT_REQUEUE"
+  fi
+  return 0
+}
+
+# Run the trainer under srun, one task per GPU. Arguments: trainer overrides (dotted.key=value).
+rmt_slurm_main() {
+  set -u -o pipefail
+  [ -n "${SLURM_JOB_ID:-}" ] || rmt_fail "not inside a SLURM job: submit with 'sbatch $0', or use launch/local.sh"
+  RMT_EARLY_SIGNAL=0
+  RMT_SRUN_PID=
+  trap rmt_on_usr1 USR1
+
+  rmt_resolve_settings "${SLURM_GPUS_PER_NODE:-}" "$@"
+  mkdir -p "$RUN_DIR/logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
+  # Everything below also goes to the run dir (the #SBATCH --output file cannot name it).
+  exec > >(tee -a "$RUN_DIR/logs/slurm-$SLURM_JOB_ID.out") 2>&1
+  local tee_pid=$!
+
+  rmt_site_setup
+  rmt_nccl_defaults
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+  export MASTER_ADDR
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  export WORLD_SIZE=$SLURM_NTASKS
+
+  rmt_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME), start $((${SLURM_RESTART_COUNT:-0} + 1))" \
+    "(requeued ${SLURM_RESTART_COUNT:-0} times, at most ${MAX_REQUEUES:-20})"
+  rmt_log "nodes: $SLURM_JOB_NUM_NODES ($SLURM_JOB_NODELIST); tasks: $SLURM_NTASKS" \
+    "(world size $WORLD_SIZE); GPUs per node: ${SLURM_GPUS_PER_NODE:-none requested}; device: $DEVICE"
+  rmt_log "CPUs per task: ${SLURM_CPUS_PER_TASK:-unset}; OMP_NUM_THREADS=$OMP_NUM_THREADS"
+  rmt_log "master: $MASTER_ADDR:$MASTER_PORT"
+  rmt_log "config: $CONFIG"
+  rmt_log "run dir: $RUN_DIR"
+  rmt_log "shards: ${SHARDS:-data.root of the config}"
+  rmt_log "resume from: $(rmt_resume_point)"
+  rmt_log "python: $PYTHON"
+  rmt_log "NCCL: $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"
+  rmt_log "train: $PYTHON -m pipeline train ${RMT_TRAIN_ARGS[*]}"
+
+  if [ "$RMT_EARLY_SIGNAL" = 1 ]; then
+    rmt_requeue_or_stop "SIGUSR1 before training started"
+    return $?
+  fi
+
+  cd "$RMT_ROOT" || rmt_fail "cannot cd to $RMT_ROOT"
+  local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
+  # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
+  srun "${srun_opts[@]}" ${SRUN_ARGS:-} \
+    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rmt-task \
+    "$PYTHON" -m pipeline train "${RMT_TRAIN_ARGS[@]}" &
+  RMT_SRUN_PID=$!
+  # A trap runs only while the shell waits; `wait` then returns early, so wait until srun is gone.
+  local rc
+  while :; do
+    wait "$RMT_SRUN_PID"; rc=$?
+    kill -0 "$RMT_SRUN_PID" 2>/dev/null || break
+  done
+  RMT_SRUN_PID=
+
+  local status=$rc
+  case "$rc" in
+    0) rmt_log "training finished (exit 0); final checkpoint: $(rmt_resume_point)" ;;
+    "$RMT_EXIT_REQUEUE") rmt_requeue_or_stop "training stopped after saving a checkpoint (exit 75)"
+       status=$? ;;
+    *) rmt_log "training FAILED with exit code $rc; NOT requeued (a real error would fail again)."
+       rmt_log "Fix the cause, then submit the same command again: it resumes from $(rmt_resume_point)" ;;
+  esac
+  exec >&- 2>&-
+  wait "$tee_pid" 2>/dev/null
+  return "$status"
+}
