@@ -1,0 +1,150 @@
+"""FFCV .beton writing: per-sample encoding in any process, page layout in one sequential writer.
+
+FFCV's own `DatasetWriter` cannot give byte-identical files: with several workers the pages are
+claimed in race order and the allocation table is concatenated in the order workers finish, and
+its `proportion` mode draws from an unseeded global RNG. Here the expensive part, FFCV's own
+`RGBImageField.encode` (resize to `max_resolution`, JPEG or raw), runs in our worker processes
+with a per-sample seed, and `BetonWriter` lays the encoded samples out exactly as `DatasetWriter`
+does with one worker (header, field descriptors, metadata, zero padding to a page boundary, full
+pages, allocation table). With no rejected inputs the bytes equal `DatasetWriter(num_workers=1)`'s
+(tests/test_shards_ffcv.py checks this); with rejected inputs the metadata region keeps room for
+every input file, an unused zero gap that readers never look at.
+
+Defaults for RMT at 224 (`FFCV_DEFAULTS`): `write_mode="jpg"`, `max_resolution=512`,
+`jpeg_quality=90`. RandomResizedCrop takes crops down to 8% of the area and evaluation resizes
+the short side to 256, so images keep their full ImageNet size (median 500x375; only the few
+larger ones shrink to 512). JPEG keeps the files near the size of ImageNet itself (~140 GB),
+which fits a node's page cache or local NVMe; raw pixels at 512 would be ~5x that. Decoding a
+500x375 JPEG costs a few ms per CPU core, small next to RMT's per-image training cost (RMT-L:
+18.2 GFLOPs forward), and the loaders still run RandAugment after decoding anyway.
+`compress_probability` only matters for `write_mode="proportion"`; 0.5 is FFCV's own default.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+
+FFCV_DEFAULTS = {"write_mode": "jpg", "max_resolution": 512, "jpeg_quality": 90, "compress_probability": 0.5,
+                 "page_size": 1 << 23}
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+# FFCV (numba, OpenCV) takes seconds to import: it is imported only where a .beton is written.
+
+
+def fields(settings: dict) -> dict:
+    """The contract's FFCV fields, in order: `image` then `label`."""
+    from ffcv.fields import IntField, RGBImageField
+
+    image = RGBImageField(write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
+                          jpeg_quality=settings["jpeg_quality"],
+                          compress_probability=settings["compress_probability"])
+    return {"image": image, "label": IntField()}
+
+
+def encode_image(field, rgb: np.ndarray, seed: int) -> tuple[int, int, int, bytes]:
+    """(mode, width, height, payload) of one HxWx3 uint8 image, as FFCV's `RGBImageField` encodes it.
+
+    `seed` fixes FFCV's use of the global numpy RNG (the `proportion` mode's coin flip)."""
+    dest = np.zeros(1, dtype=field.metadata_type)
+    payload: list[bytes] = []
+
+    def malloc(size: int):
+        buf = np.zeros(size, dtype="<u1")
+        payload.append(buf)
+        return 0, buf
+
+    np.random.seed(seed)
+    field.encode(dest[0:1], rgb, malloc)
+    return int(dest["mode"][0]), int(dest["width"][0]), int(dest["height"][0]), payload[0].tobytes()
+
+
+def sample_seed(seed: int, key: str) -> int:
+    return zlib.crc32(f"{seed}:{key}".encode())
+
+
+class BetonWriter:
+    """Writes a .beton sequentially: `add()` each sample in index order, then `close()`.
+
+    `capacity` is an upper bound on the number of samples (room reserved for their metadata)."""
+
+    def __init__(self, path: str, settings: dict, capacity: int):
+        from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType, get_metadata_type
+        from ffcv.utils import align_to_page
+
+        type_id = {cls: i for i, cls in TYPE_ID_HANDLER.items()}
+        self.path = path
+        self.fields = fields(settings)
+        self.page_size = int(settings["page_size"])
+        self.metadata_type = get_metadata_type(list(self.fields.values()))
+        self.metadata = np.zeros(capacity, dtype=self.metadata_type)
+        self.descriptors = np.zeros(len(self.fields), dtype=FieldDescType)
+        for i, (name, f) in enumerate(self.fields.items()):
+            self.descriptors[i]["type_id"] = type_id[type(f)]
+            encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")
+            self.descriptors[i]["name"][: len(encoded)] = encoded
+            self.descriptors[i]["arguments"][:] = f.to_binary()[0]
+        self.metadata_start = HeaderType.itemsize + self.descriptors.nbytes
+        self.data_start = align_to_page(self.metadata_start + self.metadata.nbytes, self.page_size)
+        self.file = open(path, "wb")
+        self.file.seek(self.data_start)
+        self.page = bytearray(self.page_size)
+        self.page_used = -1  # no page yet
+        self.pages = 0
+        self.allocations: list[tuple[int, int, int]] = []
+        self.count = 0
+
+    def add(self, image: tuple[int, int, int, bytes], label: int) -> None:
+        mode, width, height, payload = image
+        size = len(payload)
+        if size > self.page_size:
+            raise ValueError(
+                f"an image needs {size} bytes, more than the FFCV page size {self.page_size}: "
+                "lower --ffcv-max-resolution or raise --ffcv-page-size"
+            )
+        if self.page_used < 0 or size > self.page_size - self.page_used:
+            self._flush_page()
+            self.page_used = 0
+        ptr = self.data_start + (self.pages - 1) * self.page_size + self.page_used
+        self.page[self.page_used : self.page_used + size] = payload
+        self.page_used += size
+        meta = self.metadata[self.count]
+        image_meta = meta[self.metadata_type.names[0]]
+        image_meta["mode"], image_meta["width"], image_meta["height"], image_meta["data_ptr"] = (
+            mode, width, height, ptr)
+        meta[self.metadata_type.names[1]] = label
+        self.allocations.append((self.count, ptr, size))
+        self.count += 1
+
+    def _flush_page(self) -> None:
+        if self.page_used >= 0:
+            self.file.write(self.page)
+            self.page[:] = bytes(self.page_size)
+        self.pages += 1
+
+    def close(self) -> None:
+        """Finish the file: last page, allocation table, metadata, header; fsync."""
+        from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+        if self.page_used >= 0:
+            self.file.write(self.page)
+        table_ptr = self.file.tell()
+        self.file.write(np.array(self.allocations, dtype=ALLOC_TABLE_TYPE).tobytes())
+        header = np.zeros(1, dtype=HeaderType)[0]
+        header["version"] = CURRENT_VERSION
+        header["num_samples"] = self.count
+        header["num_fields"] = len(self.fields)
+        header["page_size"] = self.page_size
+        header["alloc_table_ptr"] = table_ptr
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.write(self.descriptors.tobytes())
+        self.file.write(self.metadata[: self.count].tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+        os.unlink(self.path)
