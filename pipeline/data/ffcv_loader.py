@@ -1,0 +1,265 @@
+"""FFCV .beton reading: FFCV's numba JPEG decode + crop, then the per-sample PIL stage (RandAugment).
+
+How the order gets in: we do not use FFCV's own orderings. `distributed=True` in FFCV works only
+with RANDOM and SEQUENTIAL (QUASI_RANDOM raises), emulates DistributedSampler (padding by repeating
+samples, so val would count some images twice) and has no resume position. Instead every loader
+worker owns one FFCV `Loader` (1 numba thread, built and compiled once in the parent before the
+workers fork) and sets its traversal order to exactly the entries of the batches it produces.
+
+Each order entry is a code `index + N * (repeat + R * epoch)`: the decoder (a subclass of FFCV's
+`ResizedCropRGBImageDecoder`) recovers (index, repeat, epoch), derives the entry key and takes the
+RandomResizedCrop box from `augment.rrc_box` compiled by numba, so a sample's crop is the same box
+as in the WebDataset loader. FFCV's decoder decodes the full JPEG (libjpeg-turbo) and resizes the
+box with OpenCV's INTER_AREA, not PIL bicubic; that is the one difference between the formats.
+RandAugment needs PIL, which numba cannot call, so it runs in the worker right after FFCV hands
+over the uint8 batch. Labels come straight from the .beton's metadata table (no decoding).
+
+A JPEG that libjpeg-turbo cannot decode is filled with a sentinel pattern by the decoder (numba
+cannot raise through FFCV's reader thread without hanging it) and reported here like in wds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from pipeline.data.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, crop_uniforms, rrc_box
+from pipeline.data.config import DataError
+from pipeline.data.sampler import STREAM_CROP, combine, sample_keys, uniform
+from pipeline.data.wds_loader import bad_sample, drop_bad, fill_bad
+
+_SENTINEL = (7, 251, 13)  # RGB of a decode failure, written over the whole crop
+_LOADERS: dict[tuple, object] = {}  # FFCV reads the order at iter() time, so sharing is safe
+
+
+def _is_sentinel(img: np.ndarray) -> bool:
+    return bool(img[0, 0, 0] == _SENTINEL[0] and (img == np.asarray(_SENTINEL, np.uint8)).all())
+
+
+def _keep_torch_threads(fn, *args, **kwargs):
+    """FFCV's Compiler.set_num_threads also sets torch's thread count; keep the caller's."""
+    n = torch.get_num_threads()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _u64(x: int) -> np.ndarray:
+    return np.asarray([x], np.int64).astype(np.uint64)
+
+
+def _jitted_hash():
+    """numba versions of sampler.uniform/combine (the same code, with mix64 compiled too)."""
+    import types
+
+    import numba
+
+    from pipeline.data import sampler
+
+    mix = numba.njit(sampler.mix64)
+    glb = {**sampler.__dict__, "mix64": mix}
+    uniform_j = numba.njit(types.FunctionType(uniform.__code__, glb))
+    combine_j = numba.njit(types.FunctionType(combine.__code__, glb))
+    return uniform_j, combine_j
+
+
+def _decoders(num_samples: int, repeats: int, seed: int):
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    class KeyedRRCDecoder(ResizedCropRGBImageDecoder):
+        """RandomResizedCrop decoder whose box comes from the entry key (see module docstring)."""
+
+        def __init__(self, output_size):
+            super().__init__(output_size)
+            self.scale, self.ratio = RRC_SCALE, RRC_LOG_RATIO
+
+        def declare_state_and_memory(self, previous_state):
+            state, (out_query, _) = super().declare_state_and_memory(previous_state)
+            return state, AllocationQuery(out_query.shape, out_query.dtype)
+
+        @property
+        def get_crop_generator(self):
+            return rrc_box
+
+        def generate_code(self):
+            mem_read = self.memory_read
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            box_c = Compiler.compile(rrc_box)
+            uniform_c, combine_c = _jitted_hash()
+            n = np.uint64(num_samples)
+            r = np.uint64(repeats)
+            seed_stream = combine(_u64(seed), _u64(STREAM_CROP))[0]
+            n_u = N_CROP_UNIFORMS
+            s_lo, s_hi = RRC_SCALE
+            r_lo, r_hi = RRC_LOG_RATIO
+            sentinel = np.asarray(_SENTINEL, np.uint8)
+
+            def decode(batch_indices, destination, metadata, storage_state):
+                for dst_ix in range(len(batch_indices)):
+                    code = np.uint64(batch_indices[dst_ix])
+                    index = code % n
+                    rest = code // n
+                    rep = rest % r
+                    epoch = rest // r
+                    key = combine_c(combine_c(combine_c(seed_stream, epoch), index), rep)
+                    u = np.empty(n_u, np.float64)
+                    for k in range(n_u):
+                        u[k] = uniform_c(key, np.uint64(k))
+                    field = metadata[index]
+                    data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == 0:
+                        full = np.empty(np.int64(height) * np.int64(width) * 3, np.uint8)
+                        status = imdecode_c(data, full, height, width, height, width,
+                                            0, 0, 1, 1, False, False)
+                        if status != 0:
+                            for c in range(3):
+                                destination[dst_ix][:, :, c] = sentinel[c]
+                            continue
+                        image = full.reshape(height, width, 3)
+                    else:
+                        image = data.reshape(height, width, 3)
+                    top, left, h, w = box_c(np.int64(height), np.int64(width), u, s_lo, s_hi, r_lo, r_hi)
+                    resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix])
+                return destination[: len(batch_indices)]
+
+            return decode
+
+    return KeyedRRCDecoder
+
+
+class FfcvReader:
+    """A .beton of one split: metadata, labels, and FFCV `Loader`s with a settable order."""
+
+    def __init__(self, root: str, split: str, entry: dict):
+        self.path = os.path.join(root, "ffcv", entry["name"])
+        if not os.path.isfile(self.path):
+            raise DataError(f"FFCV file {entry['name']} is missing ({self.path}); rebuild the shards "
+                            f"(make shards FORMATS='wds ffcv')")
+        from ffcv.reader import Reader
+
+        try:
+            reader = Reader(self.path)
+        except Exception as e:
+            raise DataError(f"FFCV file {entry['name']} is unreadable ({e}); rebuild the shards") from None
+        if reader.field_names[:2] != ["image", "label"]:
+            raise DataError(f"FFCV file {entry['name']} has fields {reader.field_names}, expected "
+                            f"['image', 'label']; rebuild the shards")
+        self.name = entry["name"]
+        self.num_samples = int(reader.num_samples)
+        if self.num_samples != int(entry["num_samples"]):
+            raise DataError(f"FFCV file {self.name} holds {self.num_samples} samples but manifest.json says "
+                            f"{entry['num_samples']}; rebuild the shards")
+        self.labels = np.asarray(reader.metadata["f1"], np.int64)
+
+    def loader(self, batch_size: int, decoder_key: tuple, make_decoder):
+        """An FFCV Loader for this file; compiled once per process and decoder (numba takes ~5 s)."""
+        key = (self.path, os.path.getmtime(self.path), batch_size, decoder_key)
+        if key not in _LOADERS:
+            _LOADERS[key] = self._new_loader(batch_size, make_decoder())
+        return _LOADERS[key]
+
+    def _new_loader(self, batch_size: int, decoder):
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.traversal_order.base import TraversalOrder
+
+        class SettableOrder(TraversalOrder):
+            order = np.zeros(0, np.uint64)
+
+            def sample_order(self, epoch):
+                return self.order
+
+        loader = _keep_torch_threads(
+            Loader, self.path, batch_size=batch_size, num_workers=1, os_cache=True,
+            order=OrderOption.SEQUENTIAL, pipelines={"image": [decoder], "label": None},
+            drop_last=False, batches_ahead=2)
+        loader.traversal_order = SettableOrder(loader)
+        return loader
+
+
+def _run(loader, codes: np.ndarray):
+    """Iterate an FFCV loader over `codes` (uint64 order entries), yielding uint8 NHWC batches."""
+    loader.traversal_order.order = codes
+    loader.first_traversal_order = codes
+    from ffcv.loader import epoch_iterator
+
+    epoch_iterator.IS_CUDA = False  # workers never touch CUDA; batches go to the device in the trainer
+    it = _keep_torch_threads(iter, loader)
+    try:
+        for (images,) in it:
+            yield images
+    finally:
+        it.close()
+
+
+class FfcvTrainSource:
+    """Produces this rank's train batches from the .beton, same contract as WdsTrainSource."""
+
+    def __init__(self, beton: FfcvReader, augment, skip_bad: bool, batch_size: int, repeats: int, seed: int):
+        self.beton = beton
+        self.augment = augment
+        self.skip_bad = skip_bad
+        self.repeats = repeats
+        size = augment.size
+        self.loader = beton.loader(batch_size, ("train", repeats, seed, size),
+                                   lambda: _decoders(beton.num_samples, repeats, seed)((size, size)))
+
+    def batches(self, plan, batch_ids):
+        batch_ids = list(batch_ids)
+        if not batch_ids:
+            return
+        n, r = np.uint64(self.beton.num_samples), np.uint64(self.repeats)
+        idx = plan.indices[batch_ids].astype(np.uint64)
+        rep = plan.repeats[batch_ids].astype(np.uint64)
+        codes = (idx + n * (rep + r * np.uint64(plan.epoch))).reshape(-1)
+        aug = self.augment
+        for b, crops in zip(batch_ids, _run(self.loader, codes), strict=True):
+            indices, repeats = plan.indices[b], plan.repeats[b]
+            flips = crop_uniforms(sample_keys(aug.cfg.seed, plan.epoch, indices, repeats, STREAM_CROP))[:, 22]
+            keys = aug.pil_keys(plan.epoch, indices, repeats).tolist()
+            out = np.empty_like(crops)
+            ok = np.ones(len(indices), bool)
+            from PIL import Image
+
+            from pipeline.data.augment import seeded_pil_rngs
+
+            with seeded_pil_rngs() as seed:
+                for j in range(len(indices)):
+                    if _is_sentinel(crops[j]):
+                        ok[j] = bad_sample(self._where(indices[j]), ValueError("JPEG decode failed"),
+                                           self.skip_bad)
+                        continue
+                    out[j] = aug.pil_stage(Image.fromarray(crops[j]), flips[j], keys[j], seed)
+            yield (b, *fill_bad(out, self.beton.labels[indices], ok))
+
+    def _where(self, index: int) -> str:
+        return f"FFCV file {self.beton.name}, sample index {int(index)}"
+
+
+class FfcvValSource:
+    """Val batches: FFCV's center-crop decoder (crop_pct of the shorter side, INTER_AREA resize)."""
+
+    def __init__(self, beton: FfcvReader, size: int, crop_pct: float, skip_bad: bool, batch_size: int):
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+        self.beton = beton
+        self.skip_bad = skip_bad
+        self.loader = beton.loader(batch_size, ("val", size, crop_pct),
+                                   lambda: CenterCropRGBImageDecoder((size, size), ratio=crop_pct))
+
+    def batches(self, plan, batch_ids):
+        batch_ids = list(batch_ids)
+        if not batch_ids:
+            return
+        codes = np.concatenate([np.asarray(plan[b], np.uint64) for b in batch_ids])
+        for b, images in zip(batch_ids, _run(self.loader, codes), strict=True):
+            indices = np.asarray(plan[b], np.int64)
+            yield (b, *drop_bad(images.copy(), self.beton.labels[indices], np.ones(len(indices), bool)))
