@@ -1,0 +1,106 @@
+"""Distributed setup: rank/world from torchrun or SLURM variables, device choice, process group.
+
+Order of precedence (the run contract): RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun,
+the deepspeed launcher, accelerate), else SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST
+(srun; first host is the master, port from MASTER_PORT or derived from SLURM_JOB_ID), else a single
+process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+class DistributedSetupError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "single"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise DistributedSetupError(f"SLURM_JOB_NODELIST '{nodelist}' is not a host list")
+    prefix, bracket = head.group(1), head.group(3)
+    if not bracket:
+        return prefix
+    first = bracket.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _int_env(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise DistributedSetupError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def detect(env: dict | None = None) -> DistEnv:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
+        return DistEnv(rank, world, local, addr, port, "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env:
+            addr = first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+        elif world == 1:
+            addr = "127.0.0.1"
+        else:
+            raise DistributedSetupError(
+                "SLURM_NTASKS > 1 but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+        if "MASTER_PORT" in env:
+            port = _int_env(env, "MASTER_PORT")
+        else:
+            port = 20000 + _int_env(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
+        return DistEnv(rank, world, local, addr, port, "slurm")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def choose_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedSetupError(
+                "train.device=cuda but no CUDA device is visible: use train.device=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
+    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) with a timeout."""
+    import deepspeed
+
+    os.environ.update({
+        "RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size),
+        "LOCAL_RANK": str(dist_env.local_rank), "MASTER_ADDR": dist_env.master_addr,
+        "MASTER_PORT": str(dist_env.master_port),
+    })
+    # a dead peer must end the job, not hang it
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s),
+                               rank=dist_env.rank, world_size=dist_env.world_size)

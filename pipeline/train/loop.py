@@ -1,0 +1,283 @@
+"""The training loop: steps, EMA, LR schedule, evaluation, checkpoint triggers, signals and guard rails.
+
+Determinism (exact resume): before every micro-step the torch RNG is reseeded from
+(seed, optimizer step, micro-step, rank), so DropPath and anything else drawing from torch's RNG
+depends only on the position in training, never on what ran before in this process. Augmentation
+and Mixup are seeded per sample/batch by the loader; the LR is a pure function of the position.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import Config
+from pipeline.train.evaluate import evaluate
+from pipeline.train.metrics import MetricsWriter, max_memory_gb, mfu
+
+EXIT_FINISHED = 0
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM after saving; run the same command again
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, hung or dead peer); the message names the step."""
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop acts on it at the end of the current optimizer step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    logits = logits.float()
+    if targets.ndim == 2:  # Mixup/CutMix soft targets (label smoothing already folded in)
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in the checkpoint's client state."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches done in `epoch`, at `world_size`
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                "world_size": self.world_size}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, engine, scheduler, ema, train_loader, val_loader, device: torch.device,
+                 output_dir: Path, flops_per_image: float, stop: StopFlag):
+        self.cfg = cfg
+        self.engine = engine
+        self.scheduler = scheduler
+        self.ema = ema
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = device
+        self.output_dir = output_dir
+        self.ckpt_dir = output_dir / "checkpoints"
+        self.flops = flops_per_image
+        self.stop = stop
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.accum = cfg.train.grad_accum
+        self.steps_per_epoch = len(train_loader) // self.accum
+        if self.steps_per_epoch < 1:
+            raise TrainingError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than "
+                                f"train.grad_accum={self.accum}: lower train.batch_size or grad_accum")
+        self.pos = Position(world_size=self.world)
+        self.loader_state: dict | None = None
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+    # ---- checkpoint state -------------------------------------------------------------------
+    def restore(self, client_state: dict, rank_state: dict, ema_state: dict | None) -> None:
+        old = client_state["position"]
+        self.pos.step, self.pos.epoch = old["step"], old["epoch"]
+        # micro-batches of the epoch already done, at this world size (the loader maps the position)
+        seen = old["micro_in_epoch"] * old["world_size"]
+        self.pos.micro_in_epoch = seen // self.world
+        self.loader_state = rank_state["loader"] if self.pos.micro_in_epoch else None
+        if old["world_size"] == self.world:
+            set_rng_state(rank_state["rng"])
+        if self.ema is not None:
+            if ema_state is None:
+                raise ckpt.CheckpointError("checkpoint has no EMA (ema.pt) but ema.enabled=true: "
+                                           "set ema.enabled=false or resume from a run with EMA")
+            self.ema.load_full_state_dict(ema_state)
+        self.scheduler.step_update(self._num_updates())
+
+    def _num_updates(self) -> int:
+        return self.pos.epoch * self.steps_per_epoch + self.pos.micro_in_epoch // self.accum
+
+    def _params_finite(self) -> bool:
+        ok = all(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all()
+                 for p in self.engine.module.parameters())
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def save(self) -> str:
+        if not self._params_finite():
+            raise TrainingError(f"non-finite weights at step {self.pos.step}: not saving over the last good "
+                                f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
+        ema_state = self.ema.full_state_dict() if self.ema is not None else None
+        client = {"position": self.pos.to_dict(), "scheduler": self.scheduler.state_dict()}
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+        return ckpt.save(self.engine, self.ckpt_dir, self.pos.step, self.cfg, client, rank_state,
+                         ema_state if self.rank == 0 else None,
+                         {"epoch": self.pos.epoch, "micro_in_epoch": self.pos.micro_in_epoch})
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        try:
+            res = evaluate(self.engine, self.val_loader, self.device)
+            out = {"top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
+            if self.ema is not None:
+                with self.ema.swap(self.engine):
+                    res = evaluate(self.engine, self.val_loader, self.device)
+                out.update({"ema_top1": res["top1"], "ema_top5": res["top5"], "ema_loss": res["loss"]})
+        finally:
+            self.engine.train()
+        return out
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """One small all_reduce per micro-step: (any rank asked to stop, any rank's loss non-finite)."""
+        flags = torch.stack([torch.tensor(float(self.stop.requested), device=loss.device),
+                             (~torch.isfinite(loss.detach())).float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad = flags.tolist()
+        return stop > 0, bad > 0
+
+    def run(self, writer: MetricsWriter) -> int:
+        cfg = self.cfg
+        smoothing = cfg.data.smoothing
+        window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.perf_counter()}
+        self.engine.train()
+        try:
+            while self.pos.epoch < cfg.train.epochs and not self._max_steps_reached():
+                self.train_loader.set_epoch(self.pos.epoch)
+                if self.loader_state is not None:
+                    self.train_loader.load_state_dict(self.loader_state)
+                    self.loader_state = None
+                micro_limit = self.steps_per_epoch * self.accum
+                it = iter(self.train_loader)
+                while self.pos.micro_in_epoch < micro_limit:
+                    t_wait = time.perf_counter()
+                    try:
+                        images, targets = next(it)
+                    except StopIteration:
+                        raise TrainingError(
+                            f"train loader ended after {self.pos.micro_in_epoch} of {micro_limit} "
+                            f"micro-batches in epoch {self.pos.epoch} (rank {self.rank})") from None
+                    window["wait"] += time.perf_counter() - t_wait
+                    torch.manual_seed(step_seed(cfg.seed, self.pos.step, self.pos.micro_in_epoch, self.rank))
+                    loss = loss_fn(self.engine(images), targets, smoothing)
+                    stop, bad = self._agree(loss)
+                    self.pos.micro_in_epoch += 1
+                    if bad:
+                        if cfg.train.nonfinite == "stop":
+                            raise TrainingError(
+                                f"non-finite loss at step {self.pos.step} (epoch {self.pos.epoch}); the last "
+                                f"good checkpoint is {ckpt.read_latest(self.ckpt_dir)}. Lower optim.lr, "
+                                f"enable optim.clip_grad, or set train.nonfinite=skip")
+                        if self.rank == 0:
+                            print(f"warning: non-finite loss at step {self.pos.step}: micro-batch skipped",
+                                  flush=True)
+                    else:
+                        self.engine.backward(loss)
+                        window["loss"] += loss.item()
+                        window["n"] += 1
+                    window["images"] += images.shape[0]
+                    before = self.engine.global_steps
+                    if not bad:
+                        self.engine.step()
+                    if self.pos.micro_in_epoch % self.accum:
+                        continue
+                    if self.engine.global_steps != before:
+                        self.pos.step += 1
+                        if self.ema is not None:
+                            self.ema.update()
+                    self.scheduler.step_update(self._num_updates())
+                    writer.advance(self.pos.step)
+                    if self.pos.step % cfg.metrics.log_every == 0:
+                        self._log(writer, window)
+                    if stop:
+                        self.save()
+                        writer.write({"kind": "end", "step": self.pos.step, "epoch": self.pos.epoch,
+                                      "reason": "signal"})
+                        return EXIT_REQUEUE
+                    if self._max_steps_reached():
+                        break
+                    if (cfg.checkpoint.every_steps and self.pos.step % cfg.checkpoint.every_steps == 0
+                            and self.pos.micro_in_epoch < micro_limit):  # else the epoch-end save follows
+                        self.save()
+                        window["t0"] = time.perf_counter()  # a save is not step time
+                if self.pos.micro_in_epoch >= micro_limit:
+                    self.pos.epoch += 1
+                    self.pos.micro_in_epoch = 0
+                    if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:
+                        res = self.evaluate()
+                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res})
+                self.save()
+                window["t0"] = time.perf_counter()
+        except RuntimeError as e:
+            if isinstance(e, TrainingError):
+                raise
+            text = str(e).lower()
+            if "timed out" in text or "timeout" in text:
+                raise TrainingError(f"a collective timed out at step {self.pos.step} (rank {self.rank}): "
+                                    f"another rank is hung or dead ({str(e).splitlines()[0]})") from e
+            if "connection" in text or "peer" in text:
+                raise TrainingError(f"lost a peer at step {self.pos.step} (rank {self.rank}): "
+                                    f"{str(e).splitlines()[0]}") from e
+            raise
+        writer.write({"kind": "end", "step": self.pos.step, "epoch": self.pos.epoch, "reason": "finished"})
+        return EXIT_FINISHED
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.pos.step >= self.cfg.train.max_steps
+
+    def _log(self, writer: MetricsWriter, window: dict) -> None:
+        stats = torch.tensor([window["loss"], float(window["n"])], dtype=torch.float64)
+        dist.all_reduce(stats)
+        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+        images = window["images"] * self.world
+        steps = max(1, window["images"] // (self.cfg.train.batch_size * self.accum))
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        ips = images / elapsed
+        writer.write({
+            "kind": "train", "step": self.pos.step, "epoch": self.pos.epoch,
+            "loss": stats[0].item() / max(stats[1].item(), 1.0),
+            "lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            "images_per_s": ips, "images_per_s_per_device": ips / self.world,
+            "step_time_s": elapsed / steps, "data_wait_frac": min(1.0, window["wait"] / elapsed),
+            "mfu": mfu(ips, self.flops, self.world, self.cfg.metrics.peak_tflops),
+            "max_mem_gb": max_memory_gb(self.device),
+        })
+        window.update({"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.perf_counter()})

@@ -1,0 +1,92 @@
+"""Run metrics (rank 0 only): metrics.jsonl lines, TensorBoard scalars, a progress bar or plain lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def mfu(images_per_s: float, flops_per_image_fwd: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: 3x forward FLOPs per trained image over the devices' peak."""
+    if not flops_per_image_fwd or peak_tflops <= 0:
+        return 0.0
+    return 3.0 * flops_per_image_fwd * images_per_s / (peak_tflops * 1e12 * world_size)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsWriter:
+    """Writes on rank 0, does nothing elsewhere. `progress`: auto | bar | lines."""
+
+    def __init__(self, output_dir: Path, rank: int, tensorboard: bool, progress: str, total_steps: int,
+                 start_step: int):
+        self.enabled = rank == 0
+        self.file = None
+        self.tb = None
+        self.bar = None
+        if not self.enabled:
+            return
+        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step or None)
+        use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        if use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps or None, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        record.setdefault("time", time.time())
+        self.file.write(json.dumps(record) + "\n")
+        kind = record.get("kind")
+        if self.tb is not None and kind in ("train", "eval"):
+            for k, v in record.items():
+                if k not in ("kind", "step", "epoch", "time") and isinstance(v, int | float):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        if kind == "train" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 ips=f"{record['images_per_s']:.0f}")
+        elif kind in ("train", "eval", "end"):
+            fields = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record.items() if k not in ("kind", "time"))
+            self._print(f"[{kind}] {fields}")
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
