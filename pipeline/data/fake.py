@@ -64,14 +64,14 @@ def render(label: int, rng: np.random.Generator, width: int, height: int) -> Ima
     shape = SHAPES[label % len(SHAPES)]
     colour = np.array(COLOURS[label % len(COLOURS)])
     texture = TEXTURES[(label // (len(SHAPES) * len(COLOURS))) % len(TEXTURES)]
-    bg = rng.integers(90, 200, size=3)
+    bg = rng.integers(70, 190) + rng.integers(-15, 16, size=3)  # a greyish background
     noise = rng.normal(0, 12, size=(height, width, 1))
     pixels = np.clip(bg + noise + rng.normal(0, 6, size=(height, width, 3)), 0, 255)
 
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     side = min(width, height)
-    r = side * rng.uniform(0.2, 0.4)
+    r = side * rng.uniform(0.25, 0.45)
     cx = rng.uniform(r, width - r)
     cy = rng.uniform(r, height - r)
     angle = rng.uniform(0, 2 * math.pi)
