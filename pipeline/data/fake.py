@@ -245,6 +245,8 @@ def _write_devkit(d: Path, val, classes: list[str], seed: int) -> None:
 
     rng = np.random.default_rng(seed + 1)
     ids = rng.permutation(len(classes)) + 1  # ILSVRC id of classes[i]
+    if len(classes) > 1 and (ids == np.arange(1, len(classes) + 1)).all():
+        ids = np.roll(ids, 1)  # never the sorted order, or a mix-up of ids and labels would go unseen
     extra = [f"n0{9_000_000 + k:07d}" for k in range(2)]  # internal nodes (num_children > 0)
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
               "num_train_images"]
