@@ -129,8 +129,9 @@ def _encode(img: Image.Image, quirk: str | None, rng: np.random.Generator) -> by
 
 
 def _bad_bytes(kind: str, good: bytes, rng: np.random.Generator) -> bytes:
-    if kind == "truncated":
-        return good[: len(good) // 2]
+    if kind == "truncated":  # cut in the middle of the compressed scan, after all headers
+        scan = good.find(b"\xff\xda")
+        return good[: scan + (len(good) - scan) // 2]
     if kind == "zero-byte":
         return b""
     return rng.integers(0, 256, size=2000, dtype=np.uint8).tobytes()  # undecodable

@@ -146,5 +146,8 @@ class BetonWriter:
         self.file.close()
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushing may fail again (disk full): the file goes anyway
+        except OSError:
+            pass
         os.unlink(self.path)

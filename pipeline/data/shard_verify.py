@@ -54,25 +54,18 @@ def check_wds_shard(path: str, listed: dict, num_classes: int) -> tuple[list[str
     problems = _check_file(Path(path), listed)
     if problems:
         return problems, [], []
-    samples: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+    groups: list[tuple[str, dict[str, bytes]]] = []  # consecutive members of one key = one sample
     try:
         with tarfile.open(path, "r:") as t:
             for m in t:
                 key, _, ext = Path(m.name).name.partition(".")
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                elif order[-1] != key:
-                    problems.append(f"{path}: members of {key} are not adjacent")
-                if ext in samples[key]:
-                    problems.append(f"{path}: {key}.{ext} occurs twice")
-                samples[key][ext] = t.extractfile(m).read()
+                if not groups or groups[-1][0] != key or ext in groups[-1][1]:
+                    groups.append((key, {}))
+                groups[-1][1][ext] = t.extractfile(m).read()
     except (tarfile.TarError, OSError) as e:
         return [f"{path}: not a readable tar ({e})"], [], []
     labels = []
-    for key in order:
-        members = samples[key]
+    for key, members in groups:
         images = [e for e in members if e in IMAGE_EXTS]
         if sorted(members) != sorted(images + ["cls"]) or len(images) != 1:
             problems.append(f"{path}: {key} has members {sorted(members)}, expected one image and cls")
@@ -85,9 +78,9 @@ def check_wds_shard(path: str, listed: dict, num_classes: int) -> tuple[list[str
         labels.append(label)
         if (why := _decodes(members[images[0]])) is not None:
             problems.append(f"{path}: {key}.{images[0]} does not decode ({why})")
-    if len(order) != listed["num_samples"]:
-        problems.append(f"{path}: {len(order)} samples, manifest says {listed['num_samples']}")
-    return problems, order, labels
+    if len(groups) != listed["num_samples"]:
+        problems.append(f"{path}: {len(groups)} samples, manifest says {listed['num_samples']}")
+    return problems, [key for key, _ in groups], labels
 
 
 def check_beton_images(path: str, records: np.ndarray) -> list[str]:

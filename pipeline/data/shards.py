@@ -63,7 +63,7 @@ def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
     except UnidentifiedImageError:
         return None, "undecodable: not an image format Pillow knows"
     except Exception as e:
-        return None, f"undecodable: {_why(e)}"
+        return None, f"{'truncated' if 'truncated' in str(e).lower() else 'undecodable'}: {_why(e)}"
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
@@ -212,7 +212,10 @@ class HashingFile:
         _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushing may fail again (disk full): the file goes anyway
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
