@@ -1,0 +1,257 @@
+"""WebDataset and FFCV loaders on real shards: exact resume, rank split, 2 -> 1 ranks, val once, bad input."""
+
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import fake, shards
+from pipeline.data.config import DataConfig, DataError
+from pipeline.data.loader import build_train_loader, build_val_loader
+from pipeline.data.sampler import epoch_order, rank_plan
+
+pytest.importorskip("ffcv")
+
+FORMATS = ("wds", "ffcv")
+CPU = torch.device("cpu")
+NUM_TRAIN, NUM_VAL = 48, 12
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("loader")
+    fake.write(base / "src", layouts=("folders",), num_classes=4, train_per_class=NUM_TRAIN // 4,
+               val_per_class=NUM_VAL // 4, min_side=40, max_side=90, seed=3)
+    shards.write_shards(str(base / "src" / "folders"), base / "out", workers=1, shard_bytes=24_000,
+                        classes=4, progress=False, log=lambda *a, **k: None)
+    return str(base / "out")
+
+
+def cfg_for(root, fmt, **kw):
+    base = dict(root=root, format=fmt, batch_size=4, workers=0, img_size=32, eval_img_size=32,
+                shuffle_buffer=12, seed=7)
+    return DataConfig(**{**base, **kw})
+
+
+def run(loader, limit=None):
+    out = []
+    for x, y in loader:
+        out.append((x.clone(), y.clone()))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+_REFERENCE = {}
+
+
+def reference(root, fmt, world, rank, epoch=1):
+    """Uninterrupted epoch with 0 workers (cached: several tests compare against it)."""
+    key = (fmt, world, rank, epoch)
+    if key not in _REFERENCE:
+        loader = build_train_loader(cfg_for(root, fmt), rank, world, CPU)
+        loader.set_epoch(epoch)
+        _REFERENCE[key] = run(loader)
+    return _REFERENCE[key]
+
+
+def test_epoch_order_is_a_pure_function_with_local_windows():
+    blocks = [(0, 5), (5, 7), (12, 4), (16, 6)]
+    a = epoch_order(22, seed=1, epoch=2, blocks=blocks, window=10)
+    assert np.array_equal(a[0], epoch_order(22, seed=1, epoch=2, blocks=blocks, window=10)[0])
+    assert not np.array_equal(a[0], epoch_order(22, seed=1, epoch=3, blocks=blocks, window=10)[0])
+    assert sorted(a[0]) == list(range(22)) and not a[1].any()
+    # windows: the first window holds whole shards, >= 10 samples
+    shard_of = np.searchsorted([0, 5, 12, 16], a[0], side="right")
+    first = set(shard_of[:10])
+    assert sum(c for i, (_, c) in enumerate(blocks, 1) if i in first) >= 10
+    idx, rep = epoch_order(22, seed=1, epoch=2, repeats=3)
+    assert len(idx) == 22 and np.array_equal(idx[:3], [idx[0]] * 3) and list(rep[:4]) == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_plans_partition_the_epoch_with_equal_batch_counts(world):
+    order = epoch_order(50, seed=0, epoch=0, repeats=3)
+    plans = [rank_plan(order, 0, 8, 4, r, world) for r in range(world)]
+    n = (50 - 8) // (4 * world)
+    assert all(p.num_batches == n for p in plans)
+    seen = sorted(zip(np.concatenate([p.indices.ravel() for p in plans]),
+                      np.concatenate([p.repeats.ravel() for p in plans]), strict=True))
+    want = sorted(zip(order[0][8:8 + n * 4 * world], order[1][8:8 + n * 4 * world], strict=True))
+    assert seen == want
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_gives_identical_batches(root, fmt, workers, world):
+    for rank in range(world):
+        ref = reference(root, fmt, world, rank)
+        loader = build_train_loader(cfg_for(root, fmt, workers=workers), rank, world, CPU)
+        assert len(loader) == NUM_TRAIN // (4 * world) == len(ref)
+        loader.set_epoch(1)
+        head = run(loader, limit=2)
+        state = loader.state_dict()
+        assert state["samples_seen"] == 2 * 4 * world and state["epoch"] == 1
+        resumed = build_train_loader(cfg_for(root, fmt, workers=workers), rank, world, CPU)
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        resumed.set_epoch(1)  # a trainer calling set_epoch with the same epoch keeps the position
+        tail = run(resumed)
+        assert_same(head + tail, ref)  # also: the worker count changes nothing
+        assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["samples_seen"] == 0
+        x, y = ref[0]
+        assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32) and y.shape == (4, 4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epochs_differ_and_ranks_differ(root, fmt):
+    a, b = reference(root, fmt, 2, 0), reference(root, fmt, 2, 1)
+    c = reference(root, fmt, 2, 0, epoch=2)
+    assert not torch.equal(a[0][0], b[0][0]) and not torch.equal(a[0][0], c[0][0])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_ranks_then_one_covers_exactly_the_unseen_samples(root, fmt):
+    """Mixup off, so each sample's tensor depends only on (seed, epoch, index, repeat): we can follow it."""
+    kw = dict(mixup=0.0, cutmix=0.0)
+    first, k = {}, 2
+    for rank in range(2):
+        loader = build_train_loader(cfg_for(root, fmt, **kw), rank, 2, CPU)
+        loader.set_epoch(1)
+        plan = loader.plan()
+        for b, (x, y) in enumerate(run(loader, limit=k)):
+            for j in range(4):
+                first[(int(plan.indices[b, j]), int(plan.repeats[b, j]))] = (x[j], int(y[j]))
+        state = loader.state_dict()
+    one = build_train_loader(cfg_for(root, fmt, **kw), 0, 1, CPU)
+    one.load_state_dict(state)
+    plan = one.plan()
+    later = {}
+    for b, (x, y) in enumerate(run(one)):
+        for j in range(4):
+            later[(int(plan.indices[b, j]), int(plan.repeats[b, j]))] = (x[j], int(y[j]))
+    order = epoch_order(NUM_TRAIN, 7, 1, 3, one.blocks, 12)
+    everything = list(zip(order[0].tolist(), order[1].tolist(), strict=True))
+    assert len(first) == 2 * k * 4 and not set(first) & set(later)
+    assert set(first) | set(later) == set(everything)  # 48 = 6 global batches of 8: no remainder
+    # the 1-rank run's samples are exactly what a 2-rank run would have produced for them
+    full = build_train_loader(cfg_for(root, fmt, **kw), 1, 2, CPU)
+    full.set_epoch(1)
+    plan = full.plan()
+    for b, (x, y) in enumerate(run(full)):
+        for j in range(4):
+            entry = (int(plan.indices[b, j]), int(plan.repeats[b, j]))
+            got = first.get(entry) or later[entry]
+            assert torch.equal(got[0], x[j]) and got[1] == int(y[j])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_val_sees_every_image_exactly_once_across_ranks(root, fmt):
+    single = [(x, y) for x, y in build_val_loader(cfg_for(root, fmt), 0, 1, CPU)]
+    labels = torch.cat([y for _, y in single])
+    assert len(labels) == NUM_VAL and sorted(labels.tolist()) == sorted([0, 1, 2, 3] * 3)
+    parts, counts = [], []
+    for rank in range(5):  # 12 images over 5 ranks: uneven shares, no padding
+        loader = build_val_loader(cfg_for(root, fmt), rank, 5, CPU)
+        batches = run(loader)
+        counts.append(sum(len(y) for _, y in batches))
+        assert loader.num_samples == NUM_VAL and loader.rank_samples == counts[-1]
+        parts += batches
+    assert sum(counts) == NUM_VAL and max(counts) - min(counts) <= 1
+    assert torch.equal(torch.cat([x for x, _ in parts]), torch.cat([x for x, _ in single]))
+    assert torch.equal(torch.cat([y for _, y in parts]), labels)
+
+
+def test_both_formats_take_the_same_crop_and_flip(root):
+    """The formats differ only in resampling (bicubic vs INTER_AREA) and FFCV's re-encoded JPEG."""
+    kw = dict(rand_augment="", color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, shuffle_buffer=10**6)
+    a = run(build_train_loader(cfg_for(root, "wds", **kw), 0, 1, CPU))
+    b = run(build_train_loader(cfg_for(root, "ffcv", **kw), 0, 1, CPU))
+    xa, xb = torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b])
+    assert torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in b]))
+    same = (xa - xb).abs().mean()
+    assert same < 0.2 * (xa - xb.roll(1, 0)).abs().mean()  # another sample's crop
+    assert same < 0.2 * (xa - xb.flip(3)).abs().mean()  # the other flip
+
+
+def _copy(root, tmp_path):
+    dst = tmp_path / "shards"
+    shutil.copytree(root, dst)
+    return str(dst), json.load(open(os.path.join(root, "manifest.json")))
+
+
+def test_missing_shard_is_named(root, tmp_path):
+    dst, manifest = _copy(root, tmp_path)
+    name = manifest["splits"]["train"]["wds"]["shards"][1]["name"]
+    os.remove(os.path.join(dst, "wds", name))
+    with pytest.raises(DataError, match=f"shard {name} is missing"):
+        build_train_loader(cfg_for(dst, "wds"), 0, 1, CPU)
+
+
+def _member(path, suffix):
+    with tarfile.open(path) as tf:
+        return next(m for m in tf.getmembers() if m.name.endswith(suffix))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_image_is_named_or_skipped(root, tmp_path, workers):
+    dst, manifest = _copy(root, tmp_path)
+    name = manifest["splits"]["train"]["wds"]["shards"][0]["name"]
+    path = os.path.join(dst, "wds", name)
+    m = _member(path, ".jpg")
+    with open(path, "r+b") as f:
+        f.seek(m.offset_data + 2)
+        f.write(b"\x00garbage" * (m.size // 8 - 1))
+    key = m.name.rsplit(".", 1)[0]
+    loader = build_train_loader(cfg_for(dst, "wds", workers=workers, repeated_aug=1), 0, 1, CPU)
+    with pytest.raises(DataError, match=f"shard {name}, key '{key}': undecodable image"):
+        run(loader)
+    cfg = cfg_for(dst, "wds", workers=workers, repeated_aug=1, skip_bad=True)
+    loader = build_train_loader(cfg, 0, 1, CPU)
+    batches = run(loader)
+    assert len(batches) == len(loader) == NUM_TRAIN // 4
+    if workers == 0:
+        assert loader.skipped == 1
+
+
+def test_corrupt_tar_is_named(root, tmp_path):
+    dst, manifest = _copy(root, tmp_path)
+    name = manifest["splits"]["train"]["wds"]["shards"][0]["name"]
+    path = os.path.join(dst, "wds", name)
+    m = _member(path, ".cls")
+    with open(path, "r+b") as f:  # overwrite the header of the member after the first .cls
+        f.seek(m.offset_data + 512)
+        f.write(os.urandom(512))
+    with pytest.raises(DataError, match=f"shard {name} (holds|is corrupt)"):
+        run(build_train_loader(cfg_for(dst, "wds", shuffle_buffer=10**6), 0, 1, CPU))
+
+
+def test_ffcv_undecodable_image_is_named(root, tmp_path):
+    from ffcv.reader import Reader
+
+    dst, manifest = _copy(root, tmp_path)
+    path = os.path.join(dst, "ffcv", "train.beton")
+    meta = Reader(path).metadata["f0"]
+    jpg = np.flatnonzero(meta["mode"] == 0)[0]
+    with open(path, "r+b") as f:
+        f.seek(int(meta["data_ptr"][jpg]))
+        f.write(b"\xff\xd8" + b"\x00" * 62)
+    with pytest.raises(DataError, match=f"FFCV file train.beton, sample index {jpg}: undecodable"):
+        run(build_train_loader(cfg_for(dst, "ffcv", repeated_aug=1), 0, 1, CPU))
+
+
+def test_wrong_format_and_missing_root_are_clear(root, tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        build_train_loader(cfg_for(str(tmp_path), "wds"), 0, 1, CPU)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        build_train_loader(cfg_for(root, "wds", batch_size=64), 0, 1, CPU)
