@@ -54,3 +54,27 @@ slurm-down:  ## stop the daemons slurm-up started (and cancel the cluster's jobs
 
 slurm-test: setup  ## the SLURM tests (they start and stop the cluster themselves when it is not up)
 	$(PY) -m pytest -m slurm $(PYTEST_ARGS)
+
+# ---- data: fake ImageNet, shards (pipeline/data/{fake,shards,shard_verify}.py) ----
+SRC ?=
+OUT ?= shards/imagenet1k
+FORMATS ?= wds ffcv
+WORKERS ?=
+CLASSES ?= 1000
+SHARDS_ARGS ?=
+FAKE_OUT ?= data/fake-imagenet
+FAKE_ARGS ?= --layouts all
+.PHONY: fake-imagenet shards verify-shards bench-shards
+fake-imagenet: setup  ## a small learnable fake ImageNet in every layout under FAKE_OUT (FAKE_ARGS: see --help)
+	$(PY) -m pipeline fake-imagenet --out $(FAKE_OUT) $(FAKE_ARGS)
+
+shards: setup  ## SRC=/data/imagenet [OUT=shards/imagenet1k FORMATS="wds ffcv" WORKERS=n CLASSES=1000]
+	@test -n "$(SRC)" || { echo "error: set SRC to your ImageNet folder: make shards SRC=/data/imagenet"; exit 2; }
+	$(PY) -m pipeline shards --src "$(SRC)" --out "$(OUT)" --formats $(FORMATS) --classes $(CLASSES) \
+	  $(if $(WORKERS),--workers $(WORKERS)) $(SHARDS_ARGS)
+
+verify-shards: setup  ## re-read OUT: checksums, counts, keys, labels, every image decodes
+	$(PY) -m pipeline verify-shards "$(OUT)" $(if $(WORKERS),--workers $(WORKERS))
+
+bench-shards: setup  ## images/s and MB/s of make shards on fake ImageNet; writes BENCHMARKS.md "## Shards"
+	$(PY) bench/bench_shards.py
