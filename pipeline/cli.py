@@ -13,6 +13,9 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("pipeline.models.info", "parameters and FLOPs of an RMT model"),
+    "fake-imagenet": ("pipeline.data.fake", "write a small learnable fake ImageNet in every real layout"),
+    "shards": ("pipeline.data.shards", "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
+    "verify-shards": ("pipeline.data.shard_verify", "re-read a shards folder: checksums, keys, labels, images"),
 }
 
 
