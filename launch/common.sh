@@ -88,7 +88,7 @@ rmt_requeue_or_stop() { # $1: why
   local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20}
   if [ "$restarts" -ge "$max" ]; then
     rmt_log "NOT requeuing: this job was already requeued $restarts times (MAX_REQUEUES=$max)."
-    rmt_log "To continue, submit the same command again: it resumes from $(rmt_resume_point)"
+    rmt_log "To continue, submit the same command again (resume point: $(rmt_resume_point))"
     return "$RMT_EXIT_REQUEUE"
   fi
   rmt_log "$1: requeuing job $SLURM_JOB_ID (requeue $((restarts + 1)) of at most $max);" \
@@ -164,7 +164,7 @@ rmt_slurm_main() {
     "$RMT_EXIT_REQUEUE") rmt_requeue_or_stop "training stopped after saving a checkpoint (exit 75)"
        status=$? ;;
     *) rmt_log "training FAILED with exit code $rc; NOT requeued (a real error would fail again)."
-       rmt_log "Fix the cause, then submit the same command again: it resumes from $(rmt_resume_point)" ;;
+       rmt_log "Fix the cause, then submit the same command again (resume point: $(rmt_resume_point))" ;;
   esac
   exec >&- 2>&-
   wait "$tee_pid" 2>/dev/null
