@@ -152,6 +152,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "4e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool or tp is int:
         if type(value) is not tp:
             raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")

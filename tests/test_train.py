@@ -1,0 +1,195 @@
+"""The `train` command end to end: 2 real processes on CPU under ZeRO-1/2/3 over tiny real shards;
+exact resume after SIGKILL; checkpoint on signal; 2 -> 1 process universal resume; non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow]
+
+NO_AUG = {"rand_augment": "", "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0, "repeated_aug": 1}
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def check(proc, code: int = 0) -> None:
+    assert proc.returncode == code, \
+        f"exit {proc.returncode}, wanted {code}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def tensors(obj, prefix=""):
+    """Flatten nested dicts/lists of a checkpoint file into {path: tensor or plain value}."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            out.update(tensors(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+# DeepSpeed records these about the process that wrote the file, not about the training state
+VOLATILE = ("/ds_config", "/ds_version", "/time")
+
+
+def differences(dir_a: Path, dir_b: Path) -> list[str]:
+    """Paths of tensors/values that differ between two checkpoint directories (every *.pt file)."""
+    files_a = sorted(p.name for p in dir_a.glob("*.pt"))
+    assert files_a == sorted(p.name for p in dir_b.glob("*.pt")), "different checkpoint files"
+    diffs = []
+    for name in files_a:
+        a = tensors(torch.load(dir_a / name, map_location="cpu", weights_only=False))
+        b = tensors(torch.load(dir_b / name, map_location="cpu", weights_only=False))
+        assert a.keys() == b.keys(), f"{name}: different keys {set(a) ^ set(b)}"
+        for key in a:
+            if key.startswith(VOLATILE):
+                continue
+            va, vb = a[key], b[key]
+            if isinstance(va, torch.Tensor):
+                same = va.dtype == vb.dtype and va.shape == vb.shape and torch.equal(va, vb)
+            elif hasattr(va, "__array__"):
+                same = bool((va == vb).all())
+            else:
+                same = va == vb
+            if not same:
+                diffs.append(f"{name}:{key}")
+    return diffs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_process_zero_stage_learns(trainer, stage):
+    config, run = trainer.config(f"zero{stage}", data=NO_AUG, train={"epochs": 4},
+                                 optim={"lr": 4e-3, "lr_base_batch": 8, "warmup_epochs": 0.5},
+                                 checkpoint={"every_steps": 0, "keep": 1},
+                                 metrics={"log_every": 4, "tensorboard": stage == 2, "progress": "lines"},
+                                 deepspeed={"zero_stage": stage})
+    check(trainer.run(config))
+    lines = metrics(run)
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert [m["epoch"] for m in evals] == [1, 2, 3, 4]
+    assert evals[-1]["loss"] < 0.85 * evals[0]["loss"], evals
+    assert evals[-1]["top1"] > 40.0
+    train = [m for m in lines if m["kind"] == "train"]
+    for key in ("loss", "lr", "grad_norm", "images_per_s", "images_per_s_per_device", "step_time_s",
+                "data_wait_frac", "mfu", "max_mem_gb", "time"):
+        assert key in train[0]
+    assert train[0]["images_per_s"] == pytest.approx(2 * train[0]["images_per_s_per_device"])
+    assert lines[-1] == {**lines[-1], "kind": "end", "reason": "finished", "step": 32}
+    assert latest(run) == "step_00000032"
+    assert (run / "config.yaml").is_file()
+    if stage == 2:
+        assert any((run / "tensorboard").iterdir())
+    # the same command again: already finished, resumes and exits at once
+    check(trainer.run(config))
+    assert metrics(run)[-1]["reason"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def reference_run(trainer):
+    """An uninterrupted 2-process ZeRO-2 run with the full augmentation recipe (loader workers 0)."""
+    config, run = trainer.config("reference", train={"epochs": 3},
+                                 ema={"decay": 0.9, "scale_with_batch": False},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+    check(trainer.run(config))
+    return config, run
+
+
+@pytest.mark.distributed
+def test_exact_resume_after_sigkill(trainer, reference_run, tmp_path):
+    """Killed at a random step and started again (2 loader workers): bit-identical to the reference."""
+    _, ref_run = reference_run
+    config, run = trainer.config("killed", data={"workers": 2}, train={"epochs": 3},
+                                 ema={"decay": 0.9, "scale_with_batch": False},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+    kill_at = random.Random(os.getpid()).randint(6, 18)  # 24 steps; checkpoints every 4
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = trainer.start(config, log=log)
+        deadline = time.time() + 240
+        while not any(m.get("step", 0) >= kill_at for m in metrics(run) if m["kind"] == "train"):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "run did not reach the kill step"
+            time.sleep(0.05)
+        proc.kill()
+    killed_at = max(m["step"] for m in metrics(run) if m["kind"] == "train")
+    assert killed_at < 24
+    check(trainer.run(config))
+    assert latest(run) == latest(ref_run) == "step_00000024"
+    diffs = differences(ref_run / "checkpoints" / latest(ref_run), run / "checkpoints" / latest(run))
+    assert diffs == [], f"killed at step {killed_at}: {diffs[:10]}"
+    ref_loss = {m["step"]: m["loss"] for m in metrics(ref_run) if m["kind"] == "train"}
+    loss = {m["step"]: m["loss"] for m in metrics(run) if m["kind"] == "train"}  # later lines win
+    assert loss == ref_loss
+
+
+@pytest.mark.distributed
+def test_signal_checkpoint_then_universal_resume_on_one_process(trainer, tmp_path):
+    """SIGUSR1 to one rank: all ranks save and exit 75; the run continues on 1 process from a universal
+    checkpoint, covering the rest of the epoch's samples exactly once."""
+    config, run = trainer.config("signal", data=NO_AUG, train={"epochs": 2, "batch_size": 2},
+                                 checkpoint={"every_steps": 0, "keep": 5},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+    with open(tmp_path / "signal.log", "w") as log:
+        proc = trainer.start(config, log=log)
+        deadline = time.time() + 240
+        while not any(m.get("step", 0) >= 2 for m in metrics(run) if m["kind"] == "train"):
+            assert proc.poll() is None, (tmp_path / "signal.log").read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pids[1], signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 75, (tmp_path / "signal.log").read_text()[-3000:]
+    end = metrics(run)[-1]
+    assert end["kind"] == "end" and end["reason"] == "signal"
+    stopped = end["step"]
+    assert latest(run) == f"step_{stopped:08d}"
+    meta = json.loads((run / "checkpoints" / latest(run) / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["micro_in_epoch"] == stopped
+
+    proc = trainer.run(config, nproc=1)
+    check(proc)
+    assert (run / "checkpoints" / f"step_{stopped:08d}_universal").is_dir()
+    assert "converting to a universal checkpoint" in proc.stdout
+    # 64 samples per epoch: 2 ranks x 2 per step before the stop, then 1 x 2 per step
+    resumed_steps = (64 - 4 * stopped) // 2
+    evals = [m for m in metrics(run) if m["kind"] == "eval"]
+    assert evals[0]["step"] == stopped + resumed_steps and evals[0]["epoch"] == 1
+    assert metrics(run)[-1]["step"] == stopped + resumed_steps + 32  # epoch 2 at one process
+    first_after = next(m for m in metrics(run) if m["kind"] == "train" and m["step"] == stopped + 1
+                       and m["images_per_s"] == m["images_per_s_per_device"])
+    assert first_after["loss"] < 1.6  # continues from trained weights, not from a broken state
+
+
+def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(trainer):
+    config, run = trainer.config("nonfinite", data=NO_AUG, train={"epochs": 2},
+                                 checkpoint={"every_steps": 2, "keep": 5}, ema={"enabled": False},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+    check(trainer.run(config, nproc=1, overrides=["train.max_steps=4"]))
+    assert latest(run) == "step_00000004"
+    proc = trainer.run(config, nproc=1, overrides=["optim.lr=1e12", "optim.warmup_epochs=0"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr and "at step" in proc.stderr
+    good = latest(run)
+    meta = json.loads((run / "checkpoints" / good / "meta.json").read_text())
+    weights = torch.load(run / "checkpoints" / good / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), meta
