@@ -224,3 +224,15 @@ def test_disk_full_leaves_no_truncated_file_looking_complete(fk, tmp_path):
     for shard in (out / "wds").glob("*.tar"):  # only finished shards, each with its record
         record = json.loads((out / ".state" / f"{shard.name}.json").read_text())
         assert shards.sha256_file(shard) == record["sha256"]
+
+
+def test_reduced_copy_mode_decode_rejects_what_a_full_decode_rejects():
+    _, files, _, _ = fake.generate(num_classes=2, train_per_class=4, val_per_class=1, min_side=200,
+                                   max_side=300, quirks=True)
+    for _, _, data in files["train"]:
+        scan = data.find(b"\xff\xda")
+        cuts = [data] + ([data[: scan + int((len(data) - scan) * f)] for f in (0.2, 0.9)] if scan > 0 else [])
+        for cut in cuts:
+            full, reduced = shards._decode(cut, full=True), shards._decode(cut, full=False)
+            assert (full[0] is None) == (reduced[0] is None)
+            assert (full[0] is None) == (cut is not data)
