@@ -52,7 +52,7 @@ def tensors(obj, prefix=""):
 VOLATILE = ("/ds_config", "/ds_version", "/time")
 
 
-def differences(dir_a: Path, dir_b: Path) -> list[str]:
+def differences(dir_a: Path, dir_b: Path, ignore: tuple[str, ...] = ()) -> list[str]:
     """Paths of tensors/values that differ between two checkpoint directories (every *.pt file)."""
     files_a = sorted(p.name for p in dir_a.glob("*.pt"))
     assert files_a == sorted(p.name for p in dir_b.glob("*.pt")), "different checkpoint files"
@@ -62,13 +62,15 @@ def differences(dir_a: Path, dir_b: Path) -> list[str]:
         b = tensors(torch.load(dir_b / name, map_location="cpu", weights_only=False))
         assert a.keys() == b.keys(), f"{name}: different keys {set(a) ^ set(b)}"
         for key in a:
-            if key.startswith(VOLATILE):
+            if key.startswith(VOLATILE + ignore):
                 continue
             va, vb = a[key], b[key]
             if isinstance(va, torch.Tensor):
                 same = va.dtype == vb.dtype and va.shape == vb.shape and torch.equal(va, vb)
             elif hasattr(va, "__array__"):
                 same = bool((va == vb).all())
+            elif hasattr(va, "__dict__"):  # e.g. DeepSpeed's loss scaler object
+                same = type(va) is type(vb) and vars(va) == vars(vb)
             else:
                 same = va == vb
             if not same:
@@ -135,7 +137,11 @@ def test_exact_resume_after_sigkill(trainer, reference_run, tmp_path):
     assert killed_at < 24
     check(trainer.run(config))
     assert latest(run) == latest(ref_run) == "step_00000024"
-    diffs = differences(ref_run / "checkpoints" / latest(ref_run), run / "checkpoints" / latest(run))
+    # torch's global RNG state is saved but differs here by design: with loader workers, torch's
+    # DataLoader draws worker base seeds from it (the validation loader at every epoch end). Training
+    # never depends on it: the loop reseeds torch from (seed, step, rank) before every step.
+    diffs = differences(ref_run / "checkpoints" / latest(ref_run), run / "checkpoints" / latest(run),
+                        ignore=("/rng/torch",))
     assert diffs == [], f"killed at step {killed_at}: {diffs[:10]}"
     ref_loss = {m["step"]: m["loss"] for m in metrics(ref_run) if m["kind"] == "train"}
     loss = {m["step"]: m["loss"] for m in metrics(run) if m["kind"] == "train"}  # later lines win

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -98,7 +100,11 @@ def _run(args: argparse.Namespace) -> int:
                           f"{cfg.data.root} have {train_loader.num_classes} classes: set "
                           f"model.num_classes={train_loader.num_classes}")
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    # python/numpy global RNGs seeded per rank (saved and restored with checkpoints); torch's is
+    # reseeded before every step by the loop. Identical initial weights on every rank:
+    random.seed(cfg.seed * 1000 + env.rank)
+    np.random.seed((cfg.seed * 1000 + env.rank) % 2**32)
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
     engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
