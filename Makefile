@@ -78,3 +78,8 @@ verify-shards: setup  ## re-read OUT: checksums, counts, keys, labels, every ima
 
 bench-shards: setup  ## images/s and MB/s of make shards on fake ImageNet; writes BENCHMARKS.md "## Shards"
 	$(PY) bench/bench_shards.py
+
+# ---- data loaders (pipeline/data/{loader,wds_loader,ffcv_loader,augment,sampler}.py) ----
+.PHONY: bench-data
+bench-data: setup  ## images/s per core of the train/val pipelines: baseline vs WebDataset vs FFCV; writes BENCHMARKS.md "## Data loading"
+	$(PY) bench/bench_data.py

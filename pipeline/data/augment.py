@@ -96,6 +96,12 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    """Decoded RGB image (no extra copy when the file is RGB already)."""
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 class TrainAugment:
     """CPU part of the train transform; picklable (built once, used in loader workers)."""
 
@@ -135,7 +141,7 @@ class TrainAugment:
             if reduce >= 2:
                 img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
         sx, sy = img.size[0] / width, img.size[1] / height
-        img = img.convert("RGB")
+        img = _rgb(img)
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         return img.resize((self.size, self.size), self.interp, box=box)
 
@@ -168,7 +174,7 @@ class ValAugment:
             reduce = min(width, height) / self.scale_size
             if reduce >= 2:
                 img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
-        img = img.convert("RGB")
+        img = _rgb(img)
         width, height = img.size
         if width <= height:
             new_w, new_h = self.scale_size, int(self.scale_size * height / width)

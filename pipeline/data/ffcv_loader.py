@@ -182,6 +182,10 @@ class FfcvReader:
             order=OrderOption.SEQUENTIAL, pipelines={"image": [decoder], "label": None},
             drop_last=False, batches_ahead=2)
         loader.traversal_order = SettableOrder(loader)
+        # numba compiles FFCV's stages at their first call: do it here, before loader workers fork,
+        # or every worker would compile again (~5 s) at every epoch.
+        for _ in _run(loader, np.zeros(1, np.uint64)):
+            pass
         return loader
 
 
@@ -192,12 +196,15 @@ def _run(loader, codes: np.ndarray):
     from ffcv.loader import epoch_iterator
 
     epoch_iterator.IS_CUDA = False  # workers never touch CUDA; batches go to the device in the trainer
-    it = _keep_torch_threads(iter, loader)
+    threads = torch.get_num_threads()
+    it = iter(loader)
     try:
         for (images,) in it:
+            torch.set_num_threads(threads)  # FFCV's reader thread sets torch's thread count to its own
             yield images
     finally:
         it.close()
+        torch.set_num_threads(threads)
 
 
 class FfcvTrainSource:

@@ -130,6 +130,10 @@ class TrainLoader:
     def __len__(self) -> int:
         return batches_per_epoch(self.num_samples, self.cfg.batch_size, self.world_size)
 
+    def batches_remaining(self) -> int:
+        """Batches the next iteration yields: len(self) from an epoch's start, fewer after a resume."""
+        return max(0, self.num_samples - self.samples_seen) // (self.cfg.batch_size * self.world_size)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.samples_seen = int(epoch), 0

@@ -1,0 +1,178 @@
+"""Data-loading benchmark: images/s per CPU core of the train and val pipelines, baseline vs ours.
+
+Baseline (the official RMT code's loader): torchvision ImageFolder over the extracted JPEGs +
+timm `create_transform` (RandomResizedCrop 224 bicubic, flip, rand-m9-mstd0.5-inc1, normalise,
+RandomErasing 0.25 pixel) + torch DataLoader, up to the float batch it yields.
+Ours: `build_train_loader` sources (WebDataset, FFCV) up to the uint8 batch the workers hand over
+(the device stage -- normalise, erasing, Mixup -- runs on the GPU in training; its CPU cost here is
+reported separately). Same images, same machine, one run, 1 and 2 loader workers.
+
+"Per core" = images / CPU seconds used by the main process and its loader workers (user + system,
+from getrusage), so other load on the machine does not inflate it; wall-clock images/s is shown too.
+Usage: python bench/bench_data.py [--train-per-class 64] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import PIL
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.data import fake, shards  # noqa: E402
+from pipeline.data.config import DataConfig  # noqa: E402
+from pipeline.data.loader import TrainLoader, ValLoader, _stream  # noqa: E402
+
+SECTION = "## Data loading"
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure(make_iter, count_of) -> tuple[float, float, int]:
+    """(images per wall second, images per CPU second, images) of one full pass."""
+    it = make_iter()  # warm-up batch (worker start, FFCV compile, page cache)
+    next(iter(it))
+    del it
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    n = sum(count_of(item) for item in make_iter())
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return n / wall, n / cpu, n
+
+
+def baseline(src: str, split: str, workers: int, batch: int):
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    if split == "train":
+        tf = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                              interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    else:
+        tf = create_transform(224, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    ds = ImageFolder(os.path.join(src, split), transform=tf)
+
+    def make():
+        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=split == "train",
+                                           num_workers=workers, drop_last=split == "train")
+
+    return make, lambda item: len(item[1])
+
+
+def ours(root: str, fmt: str, split: str, workers: int, batch: int):
+    cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=workers).validate()
+    cpu = torch.device("cpu")
+    if split == "train":
+        loader = TrainLoader(cfg, 0, 1, cpu)
+
+        def make():
+            loader.samples_seen = 0
+            plan = loader.plan()
+            return _stream(loader.source, plan, plan.num_batches, cfg, cpu)
+    else:
+        loader = ValLoader(cfg, 0, 1, cpu)
+
+        def make():
+            return _stream(loader.source, loader.plan, len(loader.plan), cfg, cpu)
+
+    return make, lambda item: len(item[2])
+
+
+def device_stage(root: str, batch: int) -> float:
+    """Images/s of the device stage (normalise, erasing, Mixup) on this CPU, for reference."""
+    cfg = DataConfig(root=root, format="wds", batch_size=batch, workers=0).validate()
+    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
+    images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8)
+    labels = torch.randint(0, loader.num_classes, (batch,))
+    idx = torch.arange(batch).numpy()
+    start = time.perf_counter()
+    for i in range(5):
+        loader.device_augment(images, labels, 0, idx, idx * 0, batch_key=i)
+    return 5 * batch / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--train-per-class", type=int, default=64)
+    ap.add_argument("--val-per-class", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        print("writing fake ImageNet (sides 300-500 px, 5% up to 1000 px) and its shards ...", flush=True)
+        fake.write(Path(tmp) / "src", layouts=("folders",), num_classes=args.classes,
+                   train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                   min_side=300, max_side=500, seed=0)
+        src = str(Path(tmp) / "src" / "folders")
+        root = str(Path(tmp) / "shards")
+        manifest = shards.write_shards(src, root, classes=args.classes, progress=False,
+                                       log=lambda *a, **k: None)
+        ffcv_opts = {k: v for k, v in manifest["options"].items() if k.startswith("ffcv")}
+
+        rows = []
+        for split in ("train", "val"):
+            for workers in args.workers:
+                results = {}
+                for name in ("baseline", "wds", "ffcv"):
+                    if name == "baseline":
+                        pipeline = baseline(src, split, workers, args.batch)
+                    else:
+                        pipeline = ours(root, name, split, workers, args.batch)
+                    wall, per_cpu, n = measure(*pipeline)
+                    results[name] = (wall, per_cpu)
+                    print(f"{split:5s} workers={workers} {name:8s} {n:5d} images  {wall:7.1f} img/s  "
+                          f"{per_cpu:7.1f} img/s per core", flush=True)
+                base = results["baseline"][1]
+                for name, (wall, per_cpu) in results.items():
+                    rows.append(f"| {split} | {workers} | {name} | {wall:.1f} | {per_cpu:.1f} | "
+                                f"{per_cpu / base:.2f}x |")
+        dev = device_stage(root, args.batch)
+
+    cmd = "make bench-data"
+    lines = [
+        SECTION, "",
+        f"`{cmd}` (bench/bench_data.py): fake ImageNet, {args.classes} classes, "
+        f"{args.train_per_class} train / {args.val_per_class} val images per class, sides 300-500 px "
+        f"(5% up to 1000 px), JPEG; batch {args.batch}; crop 224. Machine: {os.cpu_count()} CPUs "
+        f"({platform.machine()}), Pillow {PIL.__version__}, torch {torch.__version__}; shared with other "
+        f"jobs, so wall numbers are noisy and the per-core column (images per CPU-second of the main "
+        f"process + loader workers) is the comparison. FFCV file options: {ffcv_opts}.", "",
+        "Baseline = ImageFolder + timm create_transform + DataLoader (float batch, erasing on CPU). "
+        "wds/ffcv = our loaders up to the uint8 batch handed to the device (train entries include the 3 "
+        "repeated-augmentation copies). "
+        f"The device stage (normalise + RandomErasing + Mixup/CutMix) runs on the GPU in training; on "
+        f"this CPU it does {dev:.0f} images/s.", "",
+        "| split | workers | pipeline | images/s (wall) | images/s per core | per core vs baseline |",
+        "|---|---|---|---|---|---|",
+        *rows, "",
+    ]
+    write_section(Path(args.out), "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) this benchmark's `## ` section of BENCHMARKS.md, leaving the others alone."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    parts = old.split("\n## ")
+    kept = [parts[0].rstrip("\n")]
+    kept += ["## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(SECTION)]
+    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
