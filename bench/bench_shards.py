@@ -1,11 +1,10 @@
 """Benchmark of `make shards` on fake ImageNet: images/s and MB/s per mode and worker count.
 
 All runs happen side by side in one process on the same input (realistic sides, 200-500 px, a few
-larger), so the ratios hold even on a busy machine. Baselines: reading every input file, and
-reading + decoding it (PIL verify + load, what every mode must do to catch corrupt files), in one
-process. Copy mode should run near the decode baseline times the workers: bounded by reading and
-decoding the input, not by the Python around it. Results replace the "## Shards" section of
-BENCHMARKS.md.
+larger). Baselines, in one process: reading every input file; reading + a full decode (PIL verify +
+load, what re-encode and FFCV modes do); reading + copy mode's check (a 1/8-scale JPEG decode). Copy
+mode with 1 worker against that last baseline is the cost of everything around the check; ideally
+it is close to 1. Results replace the "## Shards" section of BENCHMARKS.md.
 
     make bench-shards            # or: python bench/bench_shards.py --classes 10 --per-class 40
 """
@@ -13,14 +12,11 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-from PIL import Image
 
 from pipeline.data import fake, shards, sources
 
@@ -52,15 +48,13 @@ def main() -> None:
             for e in entries:
                 sources.read_entry(e)
 
-        def decode():
+        def decode(full: bool):
             for e in entries:
-                data = sources.read_entry(e)
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()
-                Image.open(io.BytesIO(data)).load()
+                shards._decode(sources.read_entry(e), full)
 
         rows = [("read input files only", 1, _time(read)),
-                ("read + decode (PIL verify + load)", 1, _time(decode))]
+                ("read + full decode (PIL verify + load)", 1, _time(lambda: decode(True))),
+                ("read + copy mode's check (1/8-scale JPEG decode)", 1, _time(lambda: decode(False)))]
         runs = [("copy (wds, original bytes)", {"formats": ("wds",)}),
                 ("re-encode (wds, --max-side 256 --quality 90)", {"formats": ("wds",), "max_side": 256,
                                                                   "quality": 90}),
@@ -78,18 +72,24 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    decode_rate = n / rows[1][2]
+    check_rate = n / rows[2][2]
     lines = [SECTION, "",
              f"`make bench-shards` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, shared and busy): "
              f"{n} fake ImageNet images ({mb:.1f} MB JPEG, sides 200-500 px, a few up to 1000), "
              "train + val, all in one run. Rates count input images and input MB.", "",
-             "| run | workers | images/s | MB/s | vs. 1-process decode |", "|---|---|---|---|---|"]
+             "| run | workers | images/s | MB/s | vs. copy mode's check in 1 process |",
+             "|---|---|---|---|---|"]
     for name, workers, seconds in rows:
         lines.append(f"| {name} | {workers} | {n / seconds:.0f} | {mb / seconds:.1f} | "
-                     f"{n / seconds / decode_rate:.2f}x |")
-    lines += ["", "Every mode decodes every input image in the workers (corrupt files must be caught), so "
-              "copy mode is bounded by decoding, and scales with workers; the main process only "
-              "writes and hashes. Includes worker start-up, planning and fsyncs.", ""]
+                     f"{n / seconds / check_rate:.2f}x |")
+    lines += ["", "Every mode decodes every input image in a worker, since corrupt files must be caught. "
+              "Copy mode decodes JPEGs at 1/8 scale (all compressed data is still decoded); its 1-worker "
+              "row against the same check done in a bare loop shows what the pipeline around it costs "
+              "(reading, checking, tar writing, sha256, fsync, worker start-up); the read-only row shows "
+              "that reading is not the limit on this machine (page cache). "
+              f"Load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+              "above the CPU count, 2 workers + the writer process cannot beat 1 worker, so worker "
+              "scaling is not measurable here.", ""]
     text = "\n".join(lines)
     print(text)
     path = Path(args.output)
