@@ -191,8 +191,9 @@ def test_undecodable_image_is_named_or_skipped(root, tmp_path, workers):
         f.write(b"\x00garbage" * (m.size // 8 - 1))
     key = m.name.rsplit(".", 1)[0]
     loader = build_train_loader(cfg_for(dst, "wds", workers=workers, repeated_aug=1), 0, 1, CPU)
-    with pytest.raises(DataError, match=f"shard {name}, key '{key}': undecodable image"):
+    with pytest.raises(DataError, match=f"shard {name}, key '{key}': undecodable image") as err:
         run(loader)
+    assert "\n" not in str(err.value)  # one line, also when raised in a worker
     cfg = cfg_for(dst, "wds", workers=workers, repeated_aug=1, skip_bad=True)
     loader = build_train_loader(cfg, 0, 1, CPU)
     batches = run(loader)
@@ -225,6 +226,16 @@ def test_ffcv_undecodable_image_is_named(root, tmp_path):
         f.write(b"\xff\xd8" + b"\x00" * 62)
     with pytest.raises(DataError, match=f"FFCV file train.beton, sample index {jpg}: undecodable"):
         run(build_train_loader(cfg_for(dst, "ffcv", repeated_aug=1), 0, 1, CPU))
+
+
+def test_mid_epoch_resume_with_another_order_is_refused(root):
+    loader = build_train_loader(cfg_for(root, "wds"), 0, 1, CPU)
+    run(loader, limit=1)
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="mid-epoch with data.shuffle_buffer=12"):
+        build_train_loader(cfg_for(root, "wds", shuffle_buffer=24), 0, 1, CPU).load_state_dict(state)
+    with pytest.raises(DataError, match="mid-epoch with data.format='wds'"):
+        build_train_loader(cfg_for(root, "ffcv"), 0, 1, CPU).load_state_dict(state)
 
 
 def test_wrong_format_and_missing_root_are_clear(root, tmp_path):

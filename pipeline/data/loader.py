@@ -75,7 +75,12 @@ class _Batches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, k = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from self.source.batches(self.plan, range(w, self.num_batches, k))
+        try:
+            yield from self.source.batches(self.plan, range(w, self.num_batches, k))
+        except DataError as e:
+            if info is None:
+                raise
+            yield (-1, str(e), None, 0)  # re-raised by _stream as a one-line DataError, no worker traceback
 
 
 def _stream(source, plan, num_batches: int, cfg: DataConfig, device: torch.device):
@@ -91,7 +96,10 @@ def _stream(source, plan, num_batches: int, cfg: DataConfig, device: torch.devic
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=cfg.prefetch,
         worker_init_fn=_worker_init, multiprocessing_context="fork")
-    yield from loader
+    for item in loader:
+        if item[0] == -1:
+            raise DataError(item[1])
+        yield item
 
 
 class TrainLoader:
@@ -138,15 +146,26 @@ class TrainLoader:
         if epoch != self.epoch:
             self.epoch, self.samples_seen = int(epoch), 0
 
+    def _order_settings(self) -> dict:
+        """What the epoch order depends on besides (seed, epoch): a mid-epoch resume needs it unchanged."""
+        return {"format": self.cfg.format, "repeated_aug": self.cfg.repeated_aug,
+                "shuffle_buffer": self.cfg.shuffle_buffer if self.cfg.format == "wds" else 0}
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
-                "num_samples": self.num_samples, "format": self.cfg.format}
+                "num_samples": self.num_samples, **self._order_settings()}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.cfg.seed or int(state["num_samples"]) != self.num_samples:
             raise DataError(f"loader state is for seed {state['seed']} over {state['num_samples']} samples, "
                             f"but data.seed={self.cfg.seed} over {self.num_samples}: resume with the same "
                             f"seed and shards")
+        if int(state["samples_seen"]):
+            for field, value in self._order_settings().items():
+                if state.get(field, value) != value:
+                    raise DataError(f"the checkpoint stopped mid-epoch with data.{field}={state[field]!r}; "
+                                    f"data.{field}={value!r} orders the epoch differently: resume with "
+                                    f"{state[field]!r} (it may change from the next epoch on)")
         self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
 
     def plan(self):
