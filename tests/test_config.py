@@ -1,0 +1,136 @@
+"""Training config: recipes, overrides, clear errors, fingerprint, DeepSpeed config, launcher env."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.train.config import (
+    ConfigError,
+    config_from_dict,
+    fingerprint,
+    fingerprint_diff,
+    fingerprint_parts,
+    load_config,
+)
+from pipeline.train.distributed import DistributedSetupError, detect, first_host
+from pipeline.train.engine import deepspeed_config, scaled_lr
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PAPER = {"rmt_t": 0.1, "rmt_s": 0.15, "rmt_b": 0.4, "rmt_l": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipes_carry_the_paper_hyperparameters(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.model.name == name and cfg.model.drop_path == PAPER[name]
+    o = cfg.optim
+    assert (o.lr, o.lr_base_batch, o.min_lr, o.warmup_lr) == (5e-4, 512, 1e-5, 1e-6)
+    assert (cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.train.epochs) == (0.05, 5.0, 300)
+    assert cfg.ema.decay == 0.99996
+    d = cfg.data
+    assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.smoothing, d.repeated_aug, d.crop_pct) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1, 3, 0.875)
+    world = 64 if name == "rmt_l" else 8
+    assert cfg.train.batch_size * world == 1024
+    assert scaled_lr(cfg, world) == pytest.approx(1e-3)
+
+
+def test_demo_config_loads():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert cfg.model.name == "rmt_t" and cfg.data.img_size <= 64 and cfg.train.device == "cpu"
+
+
+def test_overrides_by_their_documented_names():
+    cfg = load_config(CONFIGS / "rmt_l.yaml", [
+        "output_dir=/tmp/x", "data.root=/data/shards", "data.format=ffcv", "train.epochs=10",
+        "train.max_steps=50", "train.batch_size=32", "checkpoint.every_steps=7", "checkpoint.keep=1",
+        "deepspeed.zero_stage=3", "seed=5", "optim.lr=4e-3",
+        "model.grad_checkpointing=[true,false,true,false]"])
+    assert (cfg.output_dir, cfg.data.root, cfg.data.format) == ("/tmp/x", "/data/shards", "ffcv")
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size) == (10, 50, 32)
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep) == (7, 1)
+    assert (cfg.deepspeed.zero_stage, cfg.seed) == (3, 5)
+    assert cfg.optim.lr == 4e-3 and cfg.model.grad_checkpointing == [True, False, True, False]
+    assert cfg.data.batch_size == 32  # the loader's batch is the trainer's micro-batch
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epoch=3"], "unknown config key 'train.epoch'"),
+    (["nosuch.key=1"], "unknown config key 'nosuch'"),
+    (["train.epochs=abc"], "config key 'train.epochs': expected int"),
+    (["train.epochs=2.5"], "config key 'train.epochs': expected int"),
+    (["train.sync_bn=1"], "config key 'train.sync_bn': expected bool"),
+    (["deepspeed.zero_stage=4"], "config key 'deepspeed.zero_stage': 4 is not one of"),
+    (["train.precision=bf17"], "config key 'train.precision'"),
+    (["train.batch_size=0"], "config key 'train.batch_size' must be >= 1"),
+    (["data.format=tar"], "data.format='tar'"),
+    (["train.nonfinite=skip", "train.grad_accum=2"], "config key 'train.nonfinite'"),
+    (["train"], "must look like section.key=value"),
+    (["train.epochs.x=1"], "'epochs' is not a section"),
+])
+def test_bad_keys_and_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(CONFIGS / "rmt_t.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    assert main(["train", "--config", str(CONFIGS / "rmt_t.yaml"), "train.epoch=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'train.epoch'") and "\n" not in err
+
+
+def test_fingerprint_allows_harmless_changes_only():
+    base = config_from_dict({})
+    harmless = config_from_dict({}, ["metrics.log_every=3", "checkpoint.every_steps=9", "data.format=ffcv",
+                                     "deepspeed.zero_stage=3", "train.batch_size=64", "output_dir=/x"])
+    assert fingerprint(harmless) == fingerprint(base)
+    changed = config_from_dict({}, ["model.name=rmt_l", "data.seed=3"])
+    assert sorted(fingerprint_diff(fingerprint_parts(base), changed)) == ["data.seed", "model.name"]
+
+
+def test_print_deepspeed_config(capsys):
+    assert main(["train", "--config", str(CONFIGS / "rmt_b.yaml"), "deepspeed.zero_stage=3",
+                 "optim.clip_grad=1.0", "train.grad_accum=2", "--print-deepspeed-config"]) == 0
+    ds = json.loads(capsys.readouterr().out)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in ds and "fp16" not in ds  # BatchNorm statistics stay fp32
+    assert (ds["gradient_clipping"], ds["gradient_accumulation_steps"]) == (1.0, 2)
+    assert ds["train_batch_size"] == 128 * 2  # one process: micro x accum x world
+    assert ds["comms_logger"] == {"enabled": False}
+
+
+def test_fp16_uses_dynamic_loss_scaling():
+    cfg = config_from_dict({}, ["train.precision=fp16"])
+    ds = deepspeed_config(cfg, 8, "cuda")
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and "torch_autocast" not in ds
+    assert ds["train_batch_size"] == 128 * 8 and ds["zero_optimization"]["overlap_comm"]
+
+
+def test_launcher_environments():
+    tr = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                 "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.master_addr, tr.master_port, tr.source) == \
+        (3, 8, 1, "n1", 1234, "torchrun")
+    sl = detect({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                 "SLURM_JOB_NODELIST": "gpu[007-008,12]", "SLURM_JOB_ID": "4242"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.master_addr, sl.source) == (9, 16, 1, "gpu007", "slurm")
+    assert sl.master_port == 20000 + 4242
+    assert detect({}).world_size == 1 and detect({}).source == "single"
+    assert first_host("a1,b2") == "a1" and first_host("node[1-3]") == "node1"
+    with pytest.raises(DistributedSetupError, match="RANK"):
+        detect({"RANK": "x", "WORLD_SIZE": "2"})
