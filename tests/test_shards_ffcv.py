@@ -151,3 +151,14 @@ def test_kill_at_any_moment_then_resume_gives_identical_bytes(tmp_path):
     for f in files:
         assert (out / f).read_bytes() == (reference / f).read_bytes(), f
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 120
+
+
+def test_an_image_larger_than_a_page_is_a_clear_error(tmp_path):
+    settings = {**shard_ffcv.FFCV_DEFAULTS, "write_mode": "raw", "max_resolution": None, "page_size": PAGE}
+    writer = shard_ffcv.BetonWriter(str(tmp_path / "x.beton"), settings, capacity=1)
+    field = shard_ffcv.fields(settings)["image"]
+    big = shard_ffcv.encode_image(field, np.zeros((1000, 1000, 3), np.uint8), seed=0)
+    with pytest.raises(shards.DataError, match="more than the FFCV page size 2097152: lower --ffcv-max-res"):
+        writer.add(big, 0)
+    writer.abort()
+    assert not (tmp_path / "x.beton").exists()

@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from pipeline.data.sources import DataError
+
 FFCV_DEFAULTS = {"write_mode": "jpg", "max_resolution": 512, "jpeg_quality": 90, "compress_probability": 0.5,
                  "page_size": 1 << 23}
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -99,7 +101,7 @@ class BetonWriter:
         mode, width, height, payload = image
         size = len(payload)
         if size > self.page_size:
-            raise ValueError(
+            raise DataError(
                 f"an image needs {size} bytes, more than the FFCV page size {self.page_size}: "
                 "lower --ffcv-max-resolution or raise --ffcv-page-size"
             )

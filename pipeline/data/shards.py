@@ -42,7 +42,7 @@ from pipeline.data.sources import DataError, Entry, Source, detect, read_entry
 FORMATS = ("wds", "ffcv")
 SPLITS = ("train", "val")
 CHUNK = 16  # samples per worker task
-CMYK_QUALITY = 95
+REENCODE_QUALITY = 95  # CMYK JPEGs, and --max-side without --quality
 TAR_MTIME = 0
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -100,25 +100,26 @@ def _wds_payload(data: bytes, im: Image.Image, opts: dict) -> tuple[str, bytes, 
             scale = max_side / max(im.size)
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
             rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return "jpg", _jpeg(rgb, quality or CMYK_QUALITY), None
+        return "jpg", _jpeg(rgb, quality or REENCODE_QUALITY), None
     if im.format == "PNG":
         return "png", data, None
     if im.mode not in ("RGB", "L"):
-        note = f"{im.mode} JPEG re-encoded as RGB JPEG (quality {CMYK_QUALITY})"
+        note = f"{im.mode} JPEG re-encoded as RGB JPEG (quality {REENCODE_QUALITY})"
         with Image.open(io.BytesIO(data)) as full:  # `im` may be a reduced-size decode
-            return "jpg", _jpeg(full.convert("RGB"), CMYK_QUALITY), note
+            return "jpg", _jpeg(full.convert("RGB"), REENCODE_QUALITY), note
     return "jpg", data, None
 
 
-_FIELD = {}
+_FIELDS: dict = {}  # per worker process: FFCV settings -> RGBImageField
 
 
 def _ffcv_payload(im: Image.Image, key: str, opts: dict):
     from pipeline.data import shard_ffcv
 
-    field = _FIELD.get("image")
+    settings = tuple(sorted(opts["ffcv"].items()))
+    field = _FIELDS.get(settings)
     if field is None:
-        field = _FIELD["image"] = shard_ffcv.fields(opts["ffcv"])["image"]
+        field = _FIELDS[settings] = shard_ffcv.fields(opts["ffcv"])["image"]
     rgb = np.asarray(im.convert("RGB"))
     return shard_ffcv.encode_image(field, rgb, shard_ffcv.sample_seed(opts["seed"], key))
 
@@ -317,6 +318,20 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
                  quality: int | None = None, ffcv: dict | None = None, classes: int = 1000,
                  allow_bad: int = 0, progress: bool = True, log=print) -> dict:
     """Write shards of `src` into `out` (see module docstring); returns the manifest."""
+    try:
+        return _write_shards(src, Path(out), formats, workers, seed, shard_bytes, max_side, quality, ffcv,
+                             classes, allow_bad, progress, log)
+    except OSError as e:
+        if e.errno in _DISK_ERRNOS:
+            raise DataError(
+                f"no space left writing into {out} ({e.strerror}): free space or pick another OUT, "
+                "then re-run; finished files are kept"
+            ) from e
+        raise
+
+
+def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side, quality, ffcv, classes,
+                  allow_bad, progress, log) -> dict:
     formats = [f for f in FORMATS if f in formats]
     if not formats:
         raise DataError(f"no output format chosen: FORMATS must name one or both of {' '.join(FORMATS)}")
@@ -331,7 +346,6 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
             "ffcv": ffcv_settings}
     workers = workers or default_workers()
     source = detect(src, classes)
-    out = Path(out)
     _prepare_out(out, formats)
 
     jobs = []
@@ -356,6 +370,8 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
         + ", ".join(f"{len(j.order)} {j.split} files" for j in jobs)
         + f"; {skipped} output files already complete, {todo_samples} images to process"
         + f" with {workers} workers")
+    if todo_samples:  # OUT is about to change: no manifest until it is complete again
+        (out / "manifest.json").unlink(missing_ok=True)
     if "ffcv" in formats and todo_samples:
         import ffcv.fields  # noqa: F401 (seconds to import: once here, inherited by the forked workers)
     start = time.monotonic()
@@ -369,13 +385,6 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
             for job in jobs:
                 _run_split(job, out, opts, pool, workers, bar, source.path)
-    except OSError as e:
-        if e.errno in _DISK_ERRNOS:
-            raise DataError(
-                f"no space left writing into {out} ({e.strerror}): free space or pick another OUT, "
-                "then re-run; finished files are kept"
-            ) from e
-        raise
     finally:
         if bar is not None:
             bar.close()
@@ -585,7 +594,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WebDataset: re-encode images whose longer side exceeds this (default: none)")
     parser.add_argument("--quality", type=int, default=None,
                         help=f"WebDataset: JPEG quality of re-encoded images; given alone, re-encode every "
-                             f"image (default: {CMYK_QUALITY} when --max-side is given)")
+                             f"image (default: {REENCODE_QUALITY} when --max-side is given)")
     parser.add_argument("--classes", type=int, default=1000,
                         help="number of classes SRC must have; set it for subsets (default: %(default)s)")
     parser.add_argument("--allow-bad", type=int, default=0,
