@@ -344,7 +344,9 @@ def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side,
         raise DataError(f"--max-side {max_side}: give a side of at least 8 px")
     opts = {"seed": seed, "shard_bytes": int(shard_bytes), "max_side": max_side, "quality": quality,
             "ffcv": ffcv_settings}
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"--workers {workers}: give at least 1 (default: all cores)")
     source = detect(src, classes)
     _prepare_out(out, formats)
 
