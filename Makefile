@@ -83,3 +83,8 @@ bench-shards: setup  ## images/s and MB/s of make shards on fake ImageNet; write
 .PHONY: bench-data
 bench-data: setup  ## images/s per core of the train/val pipelines: baseline vs WebDataset vs FFCV; writes BENCHMARKS.md "## Data loading"
 	$(PY) bench/bench_data.py
+
+# ---- model (pipeline/models/) ----
+.PHONY: bench-model
+bench-model: setup  ## RMT-T/S training steps at 224: our MaSA vs the straightforward one, fp32 and bf16
+	$(PY) -m bench.bench_model --checkpointing --json bench/model_results.json
