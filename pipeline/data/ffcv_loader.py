@@ -24,10 +24,11 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.data.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, crop_uniforms, rrc_box
+from pipeline.data.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, rrc_box, seeded_pil_rngs
 from pipeline.data.config import DataError
-from pipeline.data.sampler import STREAM_CROP, combine, sample_keys, uniform
+from pipeline.data.sampler import STREAM_CROP, combine, uniform
 from pipeline.data.wds_loader import bad_sample, drop_bad, fill_bad
 
 _SENTINEL = (7, 251, 13)  # RGB of a decode failure, written over the whole crop
@@ -75,16 +76,12 @@ def _decoders(num_samples: int, repeats: int, seed: int):
     class KeyedRRCDecoder(ResizedCropRGBImageDecoder):
         """RandomResizedCrop decoder whose box comes from the entry key (see module docstring)."""
 
-        def __init__(self, output_size):
-            super().__init__(output_size)
-            self.scale, self.ratio = RRC_SCALE, RRC_LOG_RATIO
-
         def declare_state_and_memory(self, previous_state):
             state, (out_query, _) = super().declare_state_and_memory(previous_state)
             return state, AllocationQuery(out_query.shape, out_query.dtype)
 
         @property
-        def get_crop_generator(self):
+        def get_crop_generator(self):  # abstract in FFCV; our generate_code calls rrc_box itself
             return rrc_box
 
         def generate_code(self):
@@ -230,14 +227,10 @@ class FfcvTrainSource:
         aug = self.augment
         for b, crops in zip(batch_ids, _run(self.loader, codes), strict=True):
             indices, repeats = plan.indices[b], plan.repeats[b]
-            flips = crop_uniforms(sample_keys(aug.cfg.seed, plan.epoch, indices, repeats, STREAM_CROP))[:, 22]
+            flips = aug.crop_boxes(plan.epoch, indices, repeats)[:, 22]
             keys = aug.pil_keys(plan.epoch, indices, repeats).tolist()
             out = np.empty_like(crops)
             ok = np.ones(len(indices), bool)
-            from PIL import Image
-
-            from pipeline.data.augment import seeded_pil_rngs
-
             with seeded_pil_rngs() as seed:
                 for j in range(len(indices)):
                     if _is_sentinel(crops[j]):

@@ -160,8 +160,8 @@ class ShardSet:
             raise DataError(f"shard {self.names[s]} is missing ({path}); "
                             f"rebuild the shards (make shards)") from None
 
-    def read(self, index: int) -> tuple[bytes, int, str]:
-        """(image bytes, label, 'shard/sample') of a sample index."""
+    def read(self, index: int) -> tuple[bytes, int]:
+        """(image bytes, label) of a sample index."""
         s, i = self.locate(index)
         idx = self.index(s)
         f = self._file(s)
@@ -171,7 +171,7 @@ class ShardSet:
         if len(data) != size:
             raise DataError(f"shard {self.names[s]}: key {self.key(s, i)!r} is truncated; "
                             f"rebuild the shards (make shards)")
-        return data, int(idx.labels[i]), f"{self.names[s]}#{i}"
+        return data, int(idx.labels[i])
 
     def where(self, index: int) -> str:
         s, i = self.locate(index)
@@ -199,7 +199,7 @@ class WdsTrainSource:
         ok = np.ones(len(indices), bool)
         with seeded_pil_rngs() as seed:
             for j, index in enumerate(indices.tolist()):
-                data, labels[j], _ = self.shards.read(index)
+                data, labels[j] = self.shards.read(index)
                 try:
                     img = aug.decode_crop(data, us[j])
                 except Exception as e:  # PIL raises many types for bad data
@@ -224,7 +224,7 @@ class WdsValSource:
             labels = np.empty(len(indices), np.int64)
             ok = np.ones(len(indices), bool)
             for j, index in enumerate(indices):
-                data, labels[j], _ = self.shards.read(index)
+                data, labels[j] = self.shards.read(index)
                 try:
                     out[j] = self.augment(data)
                 except Exception as e:
