@@ -50,6 +50,21 @@ def test_recipe_rand_augment_never_raises_over_many_seeds():
     assert changed > 300  # RandAugment did act (some ops leave noise images unchanged)
 
 
+def test_every_recipe_op_runs_at_the_top_magnitude():
+    """Magnitude 10 is where PosterizeIncreasing asks for 0 bits; the random test above may miss it."""
+    from timm.data.auto_augment import AugmentOp
+
+    ops = TrainAugment(DataConfig(img_size=24)).rand_augment.ops
+    assert "PosterizeIncreasing" in [op.name for op in ops]
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    for op in ops:
+        hparams = {**op.hparams, "magnitude_std": 0}
+        for sign in range(4):  # both signs of the signed ops
+            random.seed(sign)
+            out = AugmentOp(op.name, prob=1.0, magnitude=10, hparams=hparams)(img)
+            assert out.size == (24, 24)
+
+
 def test_pil_stage_depends_only_on_key_and_restores_global_rngs():
     aug = TrainAugment(DataConfig(img_size=32))
     img = Image.open(io.BytesIO(_jpeg(32, 32))).convert("RGB")
