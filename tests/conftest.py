@@ -135,3 +135,15 @@ class Ranks:
 @pytest.fixture(scope="session")
 def trainer(tiny_shards, tmp_path_factory):
     return Trainer(tmp_path_factory.mktemp("runs"), tiny_shards)
+
+
+@pytest.fixture(scope="session")
+def reference_run(trainer):
+    """A finished 2-process ZeRO-2 run over `tiny_shards` with the full augmentation recipe: 3 epochs x
+    8 steps, checkpoints every 4 steps, EMA decay 0.9 (loader workers 0). Returns (config, run dir)."""
+    config, run = trainer.config("reference", train={"epochs": 3},
+                                 ema={"decay": 0.9, "scale_with_batch": False},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+    ranks = trainer.run(config)
+    assert ranks.returncode == 0, ranks.stderr[-5000:]
+    return config, run

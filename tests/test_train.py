@@ -81,15 +81,15 @@ def differences(dir_a: Path, dir_b: Path, ignore: tuple[str, ...] = ()) -> list[
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_process_zero_stage_learns(trainer, stage):
-    config, run = trainer.config(f"zero{stage}", data=NO_AUG, train={"epochs": 4},
-                                 optim={"lr": 4e-3, "lr_base_batch": 8, "warmup_epochs": 0.5},
+    config, run = trainer.config(f"zero{stage}", data=NO_AUG, train={"epochs": 3, "batch_size": 8},
+                                 optim={"lr": 8e-3, "lr_base_batch": 16, "warmup_epochs": 0.5},
                                  checkpoint={"every_steps": 0, "keep": 1},
                                  metrics={"log_every": 4, "tensorboard": stage == 2, "progress": "lines"},
                                  deepspeed={"zero_stage": stage})
     check(trainer.run(config))
     lines = metrics(run)
     evals = [m for m in lines if m["kind"] == "eval"]
-    assert [m["epoch"] for m in evals] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in evals] == [1, 2, 3]
     assert evals[-1]["loss"] < 0.85 * evals[0]["loss"], evals
     assert evals[-1]["top1"] > 40.0
     train = [m for m in lines if m["kind"] == "train"]
@@ -97,24 +97,14 @@ def test_two_process_zero_stage_learns(trainer, stage):
                 "data_wait_frac", "mfu", "max_mem_gb", "time"):
         assert key in train[0]
     assert train[0]["images_per_s"] == pytest.approx(2 * train[0]["images_per_s_per_device"])
-    assert lines[-1] == {**lines[-1], "kind": "end", "reason": "finished", "step": 32}
-    assert latest(run) == "step_00000032"
+    assert lines[-1] == {**lines[-1], "kind": "end", "reason": "finished", "step": 12}
+    assert latest(run) == "step_00000012"
     assert (run / "config.yaml").is_file()
     if stage == 2:
         assert any((run / "tensorboard").iterdir())
-    # the same command again: already finished, resumes and exits at once
-    check(trainer.run(config))
-    assert metrics(run)[-1]["reason"] == "finished"
-
-
-@pytest.fixture(scope="module")
-def reference_run(trainer):
-    """An uninterrupted 2-process ZeRO-2 run with the full augmentation recipe (loader workers 0)."""
-    config, run = trainer.config("reference", train={"epochs": 3},
-                                 ema={"decay": 0.9, "scale_with_batch": False},
-                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
-    check(trainer.run(config))
-    return config, run
+        # the same command again: already finished, resumes and exits at once
+        check(trainer.run(config))
+        assert metrics(run)[-1] == {**metrics(run)[-1], "kind": "end", "reason": "finished", "step": 12}
 
 
 @pytest.mark.distributed
