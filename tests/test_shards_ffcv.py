@@ -162,3 +162,20 @@ def test_an_image_larger_than_a_page_is_a_clear_error(tmp_path):
         writer.add(big, 0)
     writer.abort()
     assert not (tmp_path / "x.beton").exists()
+
+
+@pytest.mark.slow
+def test_resume_that_redoes_one_shard_and_the_beton_keeps_the_manifest(tmp_path):
+    """Finished shards are re-read only for the .beton; their rejections must not be counted twice."""
+    fk = fake.write(tmp_path / "fake", layouts=("folders",), num_classes=CLASSES, train_per_class=5,
+                    val_per_class=2, min_side=16, max_side=24, bad=True, seed=2)
+    out = tmp_path / "out"
+    kw = {"workers": 2, "classes": CLASSES, "shard_bytes": 3000, "ffcv": _ffcv(), "allow_bad": 6,
+          "progress": False, "log": lambda *_: None}
+    shards.write_shards(str(fk.root / "folders"), out, **kw)
+    files = ("manifest.json", "ffcv/train.beton", "wds/train-000000.tar")
+    before = {p: (out / p).read_bytes() for p in files}
+    (out / "wds" / "train-000000.tar").unlink()
+    (out / "ffcv" / "train.beton").unlink()
+    shards.write_shards(str(fk.root / "folders"), out, **kw)
+    assert {p: (out / p).read_bytes() for p in before} == before

@@ -447,23 +447,24 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
         if job.need_ffcv or shard.name in job.todo_wds
         for lo in range(0, len(shard.entries), CHUNK)
     ]
-    tar, shard_log = None, {"rejected": [], "converted": []}
+    tar, rejected, converted = None, [], []  # the last two: of the shard being written
     ffcv_rejected = []
     try:
         for (shard, lo, hi, want_wds), results in _in_order(pool, tasks, 4 * workers, job.need_ffcv, opts):
             if want_wds and tar is None:
-                tar, shard_log = TarWriter(out / "wds" / shard.name), {"rejected": [], "converted": []}
+                tar, rejected, converted = TarWriter(out / "wds" / shard.name), [], []
             for e, r in zip(shard.entries[lo:hi], results, strict=True):
                 if r[0] == "rejected":
                     item = {"path": _display(e.path, src), "reason": r[1]}
                     ffcv_rejected.append(item)
-                    shard_log["rejected"].append(item)
+                    if want_wds:
+                        rejected.append(item)
                     continue
                 _, ext, data, ffcv, note = r
                 if want_wds:
                     tar.add(e.key, ext, data, e.label)
                     if note:
-                        shard_log["converted"].append({"path": _display(e.path, src), "reason": note})
+                        converted.append({"path": _display(e.path, src), "reason": note})
                 if beton is not None:
                     beton.add(ffcv, e.label)
             if bar is not None:
@@ -471,7 +472,7 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
             if want_wds and hi == len(shard.entries):
                 tar.commit()
                 job.records[shard.name] = _record(out, shard.name, shard.plan, tar.num_samples, tar.bytes,
-                                                  tar.sha.hexdigest(), **shard_log)
+                                                  tar.sha.hexdigest(), rejected, converted)
                 tar = None
         if beton is not None:
             beton.close()
