@@ -81,6 +81,19 @@ def test_model_logits_match_reference(name, size):
         assert rel_err(model(x), reference(x)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_backends_agree(backend):
+    torch.manual_seed(0)
+    model = timm.create_model("rmt_t", num_classes=4).eval()
+    other = timm.create_model("rmt_t", num_classes=4, attn_backend=backend).eval()
+    other.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert rel_err(other(x), model(x)) < 1e-5
+    with pytest.raises(ValueError, match="attn_backend"):
+        timm.create_model("rmt_t", attn_backend="fast")
+
+
 def test_masks_are_cached_and_rebuilt_per_size():
     positions = RetentionPositions(32, 4, 2, 4)
     first = positions(7, 7, torch.float32, False)

@@ -14,6 +14,7 @@ mask on GPUs); masks and rotary tables are built once per (H, W, device, dtype) 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -108,11 +109,14 @@ class RetentionPositions(nn.Module):
 class ManhattanSelfAttention(nn.Module):
     """MaSA with LCE (a 5x5 depthwise conv on V added to the output); full or decomposed."""
 
-    def __init__(self, dim: int, num_heads: int, decomposed: bool):
+    def __init__(self, dim: int, num_heads: int, decomposed: bool, attn_backend: str = "auto"):
         super().__init__()
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.decomposed = decomposed
+        self.attn_backend = attn_backend
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -130,34 +134,64 @@ class ManhattanSelfAttention(nn.Module):
     def attend(self, q, k, v, positions: RetentionPositions) -> torch.Tensor:
         """q, k, v: (B, H, W, heads, head_dim) -> (B, H, W, heads, head_dim)."""
         b, h, w, n, d = q.shape
+        backend = self.attn_backend
+        if backend == "auto":
+            backend = "matmul" if q.device.type == "cpu" else "sdpa"
         sin, cos, masks = positions(h, w, q.dtype, self.decomposed)
         q = (q * cos + rotate_every_two(q) * sin) * d**-0.5
         k = k * cos + rotate_every_two(k) * sin
         if not self.decomposed:
             q, k, v = (t.permute(0, 3, 1, 2, 4).reshape(b, n, h * w, d) for t in (q, k, v))
-            out = decayed_attention(q, k, v, masks)
+            out = decayed_attention(q, k, v, masks, backend, positions.decay, grid_width=w)
             return out.view(b, n, h, w, d).permute(0, 2, 3, 1, 4)
         mask_h, mask_w = masks
         # along W: one attention per row, batch (B*H)
         q_w, k_w, v_w = (t.permute(0, 1, 3, 2, 4).reshape(b * h, n, w, d) for t in (q, k, v))
-        v = decayed_attention(q_w, k_w, v_w, mask_w).view(b, h, n, w, d)
+        v = decayed_attention(q_w, k_w, v_w, mask_w, backend, positions.decay).view(b, h, n, w, d)
         # along H: one attention per column, batch (B*W)
         q_h, k_h = (t.permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k))
         v_h = v.permute(0, 3, 2, 1, 4).reshape(b * w, n, h, d)
-        out = decayed_attention(q_h, k_h, v_h, mask_h).view(b, w, n, h, d)
+        out = decayed_attention(q_h, k_h, v_h, mask_h, backend, positions.decay).view(b, w, n, h, d)
         return out.permute(0, 3, 1, 2, 4)
 
 
-def decayed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T + mask) v for q already scaled by 1/sqrt(head_dim).
+ATTN_BACKENDS = ("auto", "matmul", "sdpa", "flex")
 
-    On CPU an explicit matmul + softmax is faster than `scaled_dot_product_attention` for these short
-    sequences (<= 196 tokens; `make bench-model`, and 2x in bf16 in isolation), whose math kernel also
-    scans the mask for -inf. Elsewhere SDPA picks a fused kernel that takes an additive mask."""
-    if q.device.type == "cpu":
+
+def decayed_attention(q, k, v, mask, backend: str, decay: torch.Tensor, grid_width: int | None = None):
+    """softmax(q k^T + log-decay mask) v, for q already scaled by 1/sqrt(head_dim).
+
+    backends: "matmul" (explicit matmul + softmax; on CPU faster than SDPA's kernels for these short
+    sequences, see `make bench-model`), "sdpa" (`scaled_dot_product_attention` with the additive mask;
+    the default on GPUs), "flex" (FlexAttention computing the decay from token positions instead of
+    reading a mask; compiled on GPUs, eager elsewhere). `grid_width` is W for the 2-D Manhattan decay,
+    None for the 1-D decay of the decomposed form."""
+    if backend == "matmul":
         scores = q @ k.transpose(-1, -2)
         return torch.softmax(scores.add_(mask), dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    score_mod = _decay_score_mod(decay.float(), grid_width)
+    return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=1.0)
+
+
+def _decay_score_mod(decay: torch.Tensor, grid_width: int | None):
+    if grid_width is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + decay[h] * (q_idx - kv_idx).abs()
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dy = (q_idx // grid_width - kv_idx // grid_width).abs()
+            dx = (q_idx % grid_width - kv_idx % grid_width).abs()
+            return score + decay[h] * (dy + dx)
+    return score_mod
+
+
+@functools.cache
+def _flex_attention(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if device.type == "cuda" else flex_attention
 
 
 class FeedForward(nn.Module):
@@ -177,11 +211,12 @@ class FeedForward(nn.Module):
 class RetentionBlock(nn.Module):
     """CPE (3x3 depthwise conv, residual), then pre-norm MaSA and FFN with optional layer scale."""
 
-    def __init__(self, dim, num_heads, ffn_dim, decomposed, drop_path=0.0, layer_scale_init=None):
+    def __init__(self, dim, num_heads, ffn_dim, decomposed, drop_path=0.0, layer_scale_init=None,
+                 attn_backend="auto"):
         super().__init__()
         self.pos = ChannelsLastConv(dim, 3)
         self.retention_layer_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.retention = ManhattanSelfAttention(dim, num_heads, decomposed)
+        self.retention = ManhattanSelfAttention(dim, num_heads, decomposed, attn_backend)
         self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
         self.ffn = FeedForward(dim, ffn_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -215,11 +250,11 @@ class RMTStage(nn.Module):
     """Blocks at one resolution, then (except in the last stage) the downsampling to the next."""
 
     def __init__(self, dim, out_dim, depth, num_heads, init_value, heads_range, ffn_dim, decomposed,
-                 drop_path: Sequence[float], layer_scale_init):
+                 drop_path: Sequence[float], layer_scale_init, attn_backend):
         super().__init__()
         self.Relpos = RetentionPositions(dim, num_heads, init_value, heads_range)
         self.blocks = nn.ModuleList([
-            RetentionBlock(dim, num_heads, ffn_dim, decomposed, drop_path[i], layer_scale_init)
+            RetentionBlock(dim, num_heads, ffn_dim, decomposed, drop_path[i], layer_scale_init, attn_backend)
             for i in range(depth)
         ])
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else None
@@ -262,7 +297,7 @@ class RMT(nn.Module):
     """RMT backbone and classifier. Internally channels-last (B, H, W, C); outputs are NCHW.
 
     The head is per-token Linear projection -> BatchNorm -> SiLU (the official "swish") -> global
-    average pool -> Linear classifier.
+    average pool -> Linear classifier. `attn_backend` picks how MaSA is computed (`decayed_attention`).
     """
 
     def __init__(
@@ -282,6 +317,7 @@ class RMT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         global_pool: str = "avg",
+        attn_backend: str = "auto",
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -309,6 +345,7 @@ class RMT(nn.Module):
                 decomposed=decomposed[i],
                 drop_path=dpr[start:start + depth],
                 layer_scale_init=layer_scale_init if layer_scale[i] else None,
+                attn_backend=attn_backend,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
         self.proj = nn.Linear(self.num_features, projection)
