@@ -236,3 +236,13 @@ def test_reduced_copy_mode_decode_rejects_what_a_full_decode_rejects():
             full, reduced = shards._decode(cut, full=True), shards._decode(cut, full=False)
             assert (full[0] is None) == (reduced[0] is None)
             assert (full[0] is None) == (cut is not data)
+
+
+def test_a_second_run_into_the_same_out_is_refused(fk, tmp_path):
+    import fcntl
+
+    (tmp_path / "out" / ".state").mkdir(parents=True)
+    with open(tmp_path / "out" / ".state" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="another shards run is writing into"):
+            write(fk.root / "folders", tmp_path / "out")

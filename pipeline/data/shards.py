@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -348,8 +349,15 @@ def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side,
     if workers < 1:
         raise DataError(f"--workers {workers}: give at least 1 (default: all cores)")
     source = detect(src, classes)
-    _prepare_out(out, formats)
+    lock = _prepare_out(out, formats)
+    try:
+        return _write_locked(source, out, formats, workers, opts, allow_bad, progress, log)
+    finally:
+        lock.close()
 
+
+def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, allow_bad: int, progress,
+                  log) -> dict:
     jobs = []
     for split in SPLITS:
         order, shards, ffcv_plan = plan_split(split, source.splits[split], opts)
@@ -420,17 +428,27 @@ def _check_ffcv(settings: dict) -> None:
         raise DataError(f"--ffcv-page-size {page}: give a power of two from 2 MiB to below 4 GiB")
 
 
-def _prepare_out(out: Path, formats) -> None:
+def _prepare_out(out: Path, formats):
+    """Create OUT's folders, take OUT's lock (returned: hold it for the run), delete stale temp files."""
     try:
-        for d in [out, out / ".state", *(out / f for f in formats)]:
-            d.mkdir(parents=True, exist_ok=True)
-            for stale in d.glob("*.tmp"):
-                stale.unlink()
-        probe = out / ".state" / "probe.tmp"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        (out / ".state").mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".state" / "lock", "w")
     except OSError as e:
         raise DataError(f"OUT {out} is not writable ({e.strerror or e}): pick another OUT or fix it") from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        raise DataError(f"another shards run is writing into {out}: wait for it or pick another OUT") from e
+    try:
+        for d in [out, out / ".state", *(out / f for f in formats)]:
+            d.mkdir(exist_ok=True)
+            for stale in d.glob("*.tmp"):
+                stale.unlink()
+    except OSError as e:
+        lock.close()
+        raise DataError(f"OUT {out} is not writable ({e.strerror or e}): pick another OUT or fix it") from e
+    return lock
 
 
 def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, src: str) -> None:
