@@ -167,6 +167,30 @@ def _copy(root, tmp_path):
     return str(dst), json.load(open(os.path.join(root, "manifest.json")))
 
 
+def test_member_index_matches_tarfile_and_is_cached(root, tmp_path):
+    from pipeline.data.wds_loader import ShardSet, scan_shard
+
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    entry = manifest["splits"]["train"]["wds"]["shards"][0]
+    path = os.path.join(root, "wds", entry["name"])
+    offsets, sizes, labels, _ = scan_shard(path, entry["name"], entry["num_samples"])
+    with tarfile.open(path) as tf:
+        images = [m for m in tf.getmembers() if not m.name.endswith(".cls")]
+        want = [int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")]
+    assert list(offsets) == [m.offset_data for m in images] and list(sizes) == [m.size for m in images]
+    assert list(labels) == want
+    dst, manifest = _copy(root, tmp_path)
+    ShardSet(dst, "train", manifest["splits"]["train"]["wds"]["shards"])
+    cached = [n for n in os.listdir(os.path.join(dst, "wds")) if n.startswith(".index-train-")]
+    assert len(cached) >= 1
+    with open(path, "rb") as f:
+        head = f.read(os.path.getsize(path) // 2)
+    with open(os.path.join(dst, "wds", entry["name"]), "wb") as f:  # truncated: the cache must not hide it
+        f.write(head)
+    with pytest.raises(DataError, match=f"shard {entry['name']} (is corrupt|holds)"):
+        ShardSet(dst, "train", manifest["splits"]["train"]["wds"]["shards"])
+
+
 def test_missing_shard_is_named(root, tmp_path):
     dst, manifest = _copy(root, tmp_path)
     name = manifest["splits"]["train"]["wds"]["shards"][1]["name"]
