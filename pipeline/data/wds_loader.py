@@ -15,6 +15,7 @@ Mapping to sample indices: the i-th sample (group of members sharing a key) of s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -193,6 +194,12 @@ class ShardSet:
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
                 np.savez(tmp, offsets=arrays[0], sizes=arrays[1], labels=arrays[2], headers=arrays[3])
                 os.replace(tmp, path)
+                folder, mine = os.path.split(path)
+                for old in os.listdir(folder):  # indices of earlier versions of these shards
+                    if old.startswith(f".index-{self.split}-") and old.endswith(".npz") and old != mine \
+                            and ".tmp." not in old:
+                        with contextlib.suppress(OSError):
+                            os.remove(os.path.join(folder, old))
                 break
             except OSError:
                 continue
