@@ -65,18 +65,21 @@ def test_every_recipe_op_runs_at_the_top_magnitude():
             assert out.size == (24, 24)
 
 
-def test_pil_stage_depends_only_on_key_and_restores_global_rngs():
-    aug = TrainAugment(DataConfig(img_size=32))
+@pytest.mark.parametrize("kw", [{}, {"rand_augment": "", "color_jitter": 0.4}])
+def test_pil_stage_depends_only_on_key_and_restores_global_rngs(kw):
+    aug = TrainAugment(DataConfig(img_size=32, **kw))
     img = Image.open(io.BytesIO(_jpeg(32, 32))).convert("RGB")
     random.seed(123)
     np.random.seed(123)
-    before = (random.getstate(), np.random.get_state()[1].copy())
+    torch.manual_seed(123)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
     with seeded_pil_rngs() as seed:
         a = [aug.pil_stage(img, 0.9, k, seed) for k in range(10)]
         again = aug.pil_stage(img, 0.9, 3, seed)
     assert np.array_equal(a[3], again)
     assert len({x.tobytes() for x in a}) >= 5
     assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
 
 
 def test_rrc_box_is_torchvision_like_and_numba_gives_the_same_boxes():

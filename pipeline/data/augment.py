@@ -76,8 +76,9 @@ def rrc_box(height, width, u, scale_lo, scale_hi, log_r_lo, log_r_hi):
 
 @contextmanager
 def seeded_pil_rngs():
-    """Save python `random` and numpy's global RNG, yield a per-entry seeding function, restore."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+    """Save python `random`, numpy's global RNG and torch's CPU generator, yield a per-entry seeding
+    function, restore them."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
 
     def seed(key: int) -> None:
         random.seed(key)
@@ -88,6 +89,7 @@ def seeded_pil_rngs():
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -154,7 +156,7 @@ class TrainAugment:
             img = self.rand_augment(img)
         elif self.color_jitter is not None:
             seed(key)
-            torch.manual_seed(key & 0x7FFFFFFFFFFFFFFF)
+            torch.default_generator.manual_seed(key & 0x7FFFFFFFFFFFFFFF)  # CPU only: workers are forked
             img = self.color_jitter(img)
         return np.asarray(img, dtype=np.uint8)
 
