@@ -238,3 +238,12 @@ def test_requeue_limit_stops_the_loop(slurm_env, tiny_shards, tmp_path_factory):
     assert "NOT requeuing: this job was already requeued 0 times (MAX_REQUEUES=0)" in log, log
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert f"resume point: {run_dir}/checkpoints/{tag}" in log, log
+
+
+def test_missing_shards_fail_at_once_with_a_clear_message(slurm_env, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slurm")
+    job_id, run_dir = _submit(slurm_env, tmp, "noshards", tmp / "no_such_shards")
+    job = _wait(slurm_env, job_id, run_dir)
+    out = (tmp / "noshards.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), out
+    assert f"SHARDS={tmp}/no_such_shards has no manifest.json" in out, out
