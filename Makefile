@@ -88,3 +88,14 @@ bench-data: setup  ## images/s per core of the train/val pipelines: baseline vs 
 .PHONY: bench-model
 bench-model: setup  ## RMT-T/S training steps at 224: our MaSA vs the straightforward one, fp32 and bf16
 	$(PY) -m bench.bench_model --checkpointing --json bench/model_results.json
+
+# ---- first run and all benchmarks (pipeline/demo.py, pipeline/report.py, bench/run_all.py) ----
+FORMAT ?= wds
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+.PHONY: demo bench
+demo: setup  ## fake ImageNet -> shards -> train on 2 CPU processes, SIGTERM, resume -> eval, export, plots [FORMAT=wds|ffcv]
+	$(PY) -m pipeline demo --format $(FORMAT) $(DEMO_ARGS)
+
+bench: setup  ## every CPU benchmark (model, data, shards, engine); one table; bench/results.json + BENCHMARKS.md
+	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -96,7 +96,7 @@ def _mark_resumes(m: Metrics, ax) -> None:
 
 
 def _plot_loss(m: Metrics, out: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     steps = [r["step"] for r in m.train]
     ax.plot(steps, _num(r["loss"] for r in m.train), label="train loss (mean over log window)")
     _mark_resumes(m, ax)
@@ -110,7 +110,7 @@ def _plot_loss(m: Metrics, out: Path, plt) -> None:
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, out / "loss.png", plt)
 
 
@@ -128,7 +128,7 @@ def _plot_lr(m: Metrics, out: Path, plt) -> None:
 def _plot_accuracy(m: Metrics, out: Path, plt, num_classes: int | None) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     if num_classes:
         chance = 100 / num_classes
         ax.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.3g}%)")
@@ -139,7 +139,6 @@ def _plot_accuracy(m: Metrics, out: Path, plt, num_classes: int | None) -> None:
         if "ema_top1" in m.eval[0]:
             ax.plot(epochs, _num(r["ema_top1"] for r in m.eval), "s-", color="C1", label="EMA top-1")
             ax.plot(epochs, _num(r["ema_top5"] for r in m.eval), "s:", color="C1", label="EMA top-5")
-        ax.legend()
     else:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(0, 100)
@@ -148,6 +147,7 @@ def _plot_accuracy(m: Metrics, out: Path, plt, num_classes: int | None) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Validation accuracy")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, out / "accuracy.png", plt)
 
 
