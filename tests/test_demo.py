@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 TINY = [
-    "model.kwargs={embed_dims: [16, 32, 64, 64], depths: [1, 1, 1, 1], num_heads: [2, 2, 4, 4], projection: 64}",
+    "model.kwargs={embed_dims: [16, 32, 64, 64], depths: [1, 1, 1, 1], num_heads: [2, 2, 4, 4], "
+    "projection: 64}",
     "data.img_size=32", "data.eval_img_size=32", "data.workers=0", "train.batch_size=4", "train.epochs=3",
     "checkpoint.every_steps=4", "metrics.log_every=1", "metrics.tensorboard=false", "optim.lr_base_batch=8",
 ]
 
 
-def demo(tmp_path: Path, *args: str, timeout: float = 170) -> subprocess.CompletedProcess:
+def demo(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline", "demo", "--data", str(tmp_path / "data"),
            "--shards", str(tmp_path / "shards"), "--run-dir", str(tmp_path / "run"), *args]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
@@ -32,8 +33,8 @@ def test_demo_trains_interrupts_resumes_and_reports(tmp_path):
 
     import pipeline.models  # noqa: F401
 
-    proc = demo(tmp_path, "--format", fmt, "--classes", "4", "--train-per-class", "16", "--val-per-class", "4",
-                "--max-side", "64", "--min-top1", "0", *TINY)
+    proc = demo(tmp_path, "--format", fmt, "--classes", "4", "--train-per-class", "16",
+                "--val-per-class", "4", "--max-side", "64", "--min-top1", "0", *TINY)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     run = tmp_path / "run"
