@@ -238,18 +238,23 @@ def test_corrupt_tar_is_named(root, tmp_path):
         run(build_train_loader(cfg_for(dst, "wds", shuffle_buffer=10**6), 0, 1, CPU))
 
 
-def test_ffcv_undecodable_image_is_named(root, tmp_path):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ffcv_undecodable_image_is_named_or_skipped(root, tmp_path, split):
     from ffcv.reader import Reader
 
     dst, manifest = _copy(root, tmp_path)
-    path = os.path.join(dst, "ffcv", "train.beton")
+    path = os.path.join(dst, "ffcv", f"{split}.beton")
     meta = Reader(path).metadata["f0"]
     jpg = np.flatnonzero(meta["mode"] == 0)[0]
     with open(path, "r+b") as f:
         f.seek(int(meta["data_ptr"][jpg]))
         f.write(b"\xff\xd8" + b"\x00" * 62)
-    with pytest.raises(DataError, match=f"FFCV file train.beton, sample index {jpg}: undecodable"):
-        run(build_train_loader(cfg_for(dst, "ffcv", repeated_aug=1), 0, 1, CPU))
+    build = build_train_loader if split == "train" else build_val_loader
+    with pytest.raises(DataError, match=f"FFCV file {split}.beton, sample index {jpg}: undecodable"):
+        run(build(cfg_for(dst, "ffcv", repeated_aug=1), 0, 1, CPU))
+    loader = build(cfg_for(dst, "ffcv", repeated_aug=1, skip_bad=True), 0, 1, CPU)
+    got = sum(len(y) for _, y in run(loader))
+    assert loader.skipped == 1 and got == (NUM_TRAIN if split == "train" else NUM_VAL - 1)
 
 
 def test_mid_epoch_resume_with_another_order_is_refused(root):

@@ -67,21 +67,23 @@ def _jitted_hash():
     return uniform_j, combine_j
 
 
-def _decoders(num_samples: int, repeats: int, seed: int):
-    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+def _decoders(num_samples: int, repeats: int, seed: int, center_ratio: float | None = None):
+    """FFCV decoder class: keyed RandomResizedCrop (train) or, with `center_ratio`, a center crop of
+    that fraction of the shorter side (val). Both mark undecodable JPEGs with the sentinel."""
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder, get_center_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
-    class KeyedRRCDecoder(ResizedCropRGBImageDecoder):
-        """RandomResizedCrop decoder whose box comes from the entry key (see module docstring)."""
+    class KeyedCropDecoder(ResizedCropRGBImageDecoder):
+        """Decoder whose crop box comes from the entry key (see module docstring)."""
 
         def declare_state_and_memory(self, previous_state):
             state, (out_query, _) = super().declare_state_and_memory(previous_state)
             return state, AllocationQuery(out_query.shape, out_query.dtype)
 
         @property
-        def get_crop_generator(self):  # abstract in FFCV; our generate_code calls rrc_box itself
+        def get_crop_generator(self):  # abstract in FFCV; our generate_code picks the box itself
             return rrc_box
 
         def generate_code(self):
@@ -89,6 +91,7 @@ def _decoders(num_samples: int, repeats: int, seed: int):
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             box_c = Compiler.compile(rrc_box)
+            center_c = Compiler.compile(get_center_crop)
             uniform_c, combine_c = _jitted_hash()
             n = np.uint64(num_samples)
             r = np.uint64(repeats)
@@ -96,19 +99,14 @@ def _decoders(num_samples: int, repeats: int, seed: int):
             n_u = N_CROP_UNIFORMS
             s_lo, s_hi = RRC_SCALE
             r_lo, r_hi = RRC_LOG_RATIO
+            center = center_ratio is not None
+            ratio = float(center_ratio or 1.0)
             sentinel = np.asarray(_SENTINEL, np.uint8)
 
             def decode(batch_indices, destination, metadata, storage_state):
                 for dst_ix in range(len(batch_indices)):
                     code = np.uint64(batch_indices[dst_ix])
                     index = code % n
-                    rest = code // n
-                    rep = rest % r
-                    epoch = rest // r
-                    key = combine_c(combine_c(combine_c(seed_stream, epoch), index), rep)
-                    u = np.empty(n_u, np.float64)
-                    for k in range(n_u):
-                        u[k] = uniform_c(key, np.uint64(k))
                     field = metadata[index]
                     data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
@@ -124,13 +122,21 @@ def _decoders(num_samples: int, repeats: int, seed: int):
                         image = full.reshape(height, width, 3)
                     else:
                         image = data.reshape(height, width, 3)
-                    top, left, h, w = box_c(np.int64(height), np.int64(width), u, s_lo, s_hi, r_lo, r_hi)
+                    if center:
+                        top, left, h, w = center_c(np.int64(height), np.int64(width), 0.0, ratio)
+                    else:
+                        rest = code // n
+                        key = combine_c(combine_c(combine_c(seed_stream, rest // r), index), rest % r)
+                        u = np.empty(n_u, np.float64)
+                        for k in range(n_u):
+                            u[k] = uniform_c(key, np.uint64(k))
+                        top, left, h, w = box_c(np.int64(height), np.int64(width), u, s_lo, s_hi, r_lo, r_hi)
                     resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix])
                 return destination[: len(batch_indices)]
 
             return decode
 
-    return KeyedRRCDecoder
+    return KeyedCropDecoder
 
 
 class FfcvReader:
@@ -245,15 +251,14 @@ class FfcvTrainSource:
 
 
 class FfcvValSource:
-    """Val batches: FFCV's center-crop decoder (crop_pct of the shorter side, INTER_AREA resize)."""
+    """Val batches: center crop of crop_pct of the shorter side, INTER_AREA resize (FFCV's decoder)."""
 
     def __init__(self, beton: FfcvReader, size: int, crop_pct: float, skip_bad: bool, batch_size: int):
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-
         self.beton = beton
         self.skip_bad = skip_bad
+        n = beton.num_samples
         self.loader = beton.loader(batch_size, ("val", size, crop_pct),
-                                   lambda: CenterCropRGBImageDecoder((size, size), ratio=crop_pct))
+                                   lambda: _decoders(n, 1, 0, center_ratio=crop_pct)((size, size)))
 
     def batches(self, plan, batch_ids):
         batch_ids = list(batch_ids)
@@ -262,4 +267,9 @@ class FfcvValSource:
         codes = np.concatenate([np.asarray(plan[b], np.uint64) for b in batch_ids])
         for b, images in zip(batch_ids, _run(self.loader, codes), strict=True):
             indices = np.asarray(plan[b], np.int64)
-            yield (b, *drop_bad(images.copy(), self.beton.labels[indices], np.ones(len(indices), bool)))
+            ok = np.ones(len(indices), bool)
+            for j, index in enumerate(indices):
+                if _is_sentinel(images[j]):
+                    ok[j] = bad_sample(f"FFCV file {self.beton.name}, sample index {int(index)}",
+                                       ValueError("JPEG decode failed"), self.skip_bad)
+            yield (b, *drop_bad(images.copy(), self.beton.labels[indices], ok))
