@@ -99,3 +99,11 @@ demo: setup  ## fake ImageNet -> shards -> train on 2 CPU processes, SIGTERM, re
 
 bench: setup  ## every CPU benchmark (model, data, shards, engine); one table; bench/results.json + BENCHMARKS.md
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# ---- training engine (pipeline/train/) ----
+.PHONY: bench-engine bench-gpu
+bench-engine: setup  ## CPU: the engine's own per-step overhead (EMA, metrics, agreement) and checkpoint save/load s/GB; writes BENCHMARKS.md "## Training engine"
+	$(PY) bench/bench_engine.py --write
+
+bench-gpu: setup  ## one GPU (~8 min on an H200): RMT-B/L steps at 224, bf16, ZeRO-2, with/without activation checkpointing, synthetic vs loader
+	$(PY) bench/bench_gpu.py --out bench/gpu_results.jsonl

@@ -12,6 +12,9 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("pipeline.train.main", "train RMT with DeepSpeed (resumes from output_dir/checkpoints/latest)"),
+    "eval": ("pipeline.train.evaluate", "top-1/top-5/loss of a checkpoint, its EMA, or an official RMT file"),
+    "export": ("pipeline.train.export", "consolidated fp32 weights as safetensors or the official .pth"),
     "model-info": ("pipeline.models.info", "parameters and FLOPs of an RMT model"),
     "fake-imagenet": ("pipeline.data.fake", "write a small learnable fake ImageNet in every real layout"),
     "shards": ("pipeline.data.shards", "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
