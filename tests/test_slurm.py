@@ -65,8 +65,9 @@ def _cluster_up(env: dict[str, str]) -> bool:
 def slurm_env():
     """Environment for sbatch/scontrol against a running one-node cluster."""
     local_dir = os.environ.get("SLURM_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "local-slurm")
+    local_conf = os.path.join(local_dir, "slurm.conf")
     env = dict(os.environ, SLURM_LOCAL_DIR=local_dir)
-    env.setdefault("SLURM_CONF", os.path.join(local_dir, "slurm.conf"))
+    env.setdefault("SLURM_CONF", local_conf)
     with open(LOCK, "w") as lock:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -78,6 +79,9 @@ def slurm_env():
                     pytest.fail(f"another test session held {LOCK} (the local SLURM) for {LOCK_WAIT_S} s")
                 time.sleep(2)
         was_up = _cluster_up(env)
+        if not was_up and env["SLURM_CONF"] != local_conf:  # not the cluster named by SLURM_CONF: ours
+            env["SLURM_CONF"] = local_conf
+            was_up = _cluster_up(env)
         if not was_up:
             if os.geteuid() != 0:
                 pytest.fail("the SLURM tests need a running SLURM (set SLURM_CONF) or root to install and "
