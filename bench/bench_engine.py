@@ -1,0 +1,173 @@
+"""CPU benchmark of the training engine's own costs, side by side with a real training step of RMT-T:
+per-step overhead (EMA update, the stop/non-finite agreement all_reduce, the per-step reseed, a metrics
+line) and checkpoint save/load time per GB (DeepSpeed ZeRO-2 files + EMA + per-rank state).
+
+    make bench-engine                    # writes the "## Training engine" section of BENCHMARKS.md
+    python bench/bench_engine.py         # print only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.train.config import config_from_dict  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--img", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    args = p.parse_args()
+
+    from deepspeed.utils import logger
+
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train import distributed
+    from pipeline.train.ema import ShardedEma
+    from pipeline.train.engine import build_model, initialize
+    from pipeline.train.loop import StopFlag, loss_fn, step_seed
+    from pipeline.train.metrics import MetricsWriter
+
+    logger.setLevel("WARNING")
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    device = torch.device("cpu")
+    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29544)), "single")
+    distributed.init(env, device, 600)
+    cfg = config_from_dict({"model": {"name": "rmt_t", "num_classes": 1000},
+                            "train": {"batch_size": args.batch, "precision": "bf16", "device": "cpu"},
+                            "checkpoint": {"keep": 1}, "deepspeed": {"zero_stage": 2}})
+    torch.manual_seed(0)
+    engine, _ = initialize(cfg, build_model(cfg), 1, device)
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    x = torch.randn(args.batch, 3, args.img, args.img)
+    y = torch.randint(0, 1000, (args.batch,))
+
+    def train_step():
+        loss = loss_fn(engine(x), y, 0.1)
+        engine.backward(loss)
+        engine.step()
+
+    step_s = timed(train_step, args.steps)
+    ema = ShardedEma(engine.module, 0.9999)
+    ema_s = timed(ema.update, 20)
+    stop = StopFlag()
+
+    def agree():
+        flags = torch.stack([torch.tensor(float(stop.requested)), torch.tensor(0.0)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags.tolist()
+
+    agree_s = timed(agree, 50)
+    reseed_s = timed(lambda: torch.manual_seed(step_seed(0, 123, 4, 1)), 200)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    writer = MetricsWriter(tmp, 0, tensorboard=True, progress="lines", total_steps=0, start_step=0)
+    record = {"kind": "train", "step": 1, "epoch": 0, "loss": 6.9, "lr": 1e-3, "grad_norm": 1.0,
+              "images_per_s": 100.0, "images_per_s_per_device": 100.0, "step_time_s": 0.1,
+              "data_wait_frac": 0.01, "mfu": 0.3, "max_mem_gb": 1.0}
+    sys_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+    try:
+        log_s = timed(lambda: writer.write(dict(record)), 50)
+    finally:
+        sys.stdout.close()
+        sys.stdout = sys_stdout
+    writer.close()
+
+    ckpt_dir = tmp / "checkpoints"
+    save_times, load_times, size = [], [], 0
+    for i in range(3):
+        t = time.perf_counter()
+        tag = ckpt.save(engine, ckpt_dir, 1000 + i, cfg, {"position": {}}, {"rng": None},
+                        ema.full_state_dict(), {})
+        save_times.append(time.perf_counter() - t)
+        size = du(ckpt_dir / tag)
+        t = time.perf_counter()
+        ckpt.load(engine, ckpt_dir, tag, tag)
+        load_times.append(time.perf_counter() - t)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_s, load_s = sorted(save_times)[1], sorted(load_times)[1]
+    gb = size / 2**30
+
+    res = {
+        "model": "rmt_t", "params": n_params, "img": args.img, "batch": args.batch,
+        "train_step_ms": 1000 * step_s, "ema_update_ms": 1000 * ema_s, "agree_allreduce_ms": 1000 * agree_s,
+        "reseed_us": 1e6 * reseed_s, "metrics_line_ms": 1000 * log_s,
+        "per_step_overhead_frac": (ema_s + agree_s + reseed_s) / step_s,
+        "checkpoint_gb": gb, "save_s": save_s, "load_s": load_s, "save_s_per_gb": save_s / gb,
+        "load_s_per_gb": load_s / gb, "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(res))
+    table = "\n".join([
+        "## Training engine",
+        "",
+        f"`make bench-engine` (bench/bench_engine.py), CPU, {res['threads']} threads, one process (gloo), "
+        f"RMT-T ({n_params / 1e6:.1f}M params), {args.img} px, batch {args.batch}, bf16 autocast, ZeRO-2. "
+        "Every number is from the same run; the machine is shared, so absolute times are noisy, ratios "
+        "less so.",
+        "",
+        "| what | time | vs one training step |",
+        "|---|---|---|",
+        f"| training step (fwd+bwd+ZeRO step) | {1000 * step_s:.0f} ms | 1 |",
+        f"| EMA update (fp32, whole model; ZeRO-3: 1/world of it per rank) | {1000 * ema_s:.1f} ms "
+        f"| {ema_s / step_s:.2%} |",
+        f"| stop/non-finite agreement (one 2-float all_reduce) | {1000 * agree_s:.2f} ms | "
+        f"{agree_s / step_s:.2%} |",
+        f"| per-step reseed of torch's RNG | {1e6 * reseed_s:.0f} us | {reseed_s / step_s:.3%} |",
+        f"| one metrics line (JSONL + TensorBoard), every metrics.log_every steps | {1000 * log_s:.2f} ms | "
+        f"{log_s / step_s:.2%} |",
+        f"| checkpoint save ({gb:.2f} GB: module, ZeRO fp32 + Adam states, EMA) | {save_s:.2f} s | "
+        f"{save_s / gb:.1f} s/GB |",
+        f"| checkpoint load | {load_s:.2f} s | {load_s / gb:.1f} s/GB |",
+        "",
+    ])
+    print(table)
+    if args.write:
+        write_section(ROOT / "BENCHMARKS.md", "## Training engine", table)
+    dist.destroy_process_group()
+    return 0
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) our `## ` section of BENCHMARKS.md, leaving the others alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + body + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
