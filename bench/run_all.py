@@ -101,17 +101,18 @@ def summarize(name: str, result: dict) -> list[dict]:
                                 _float(r[ratio_key]) if ratio_key else None,
                                 ratio_key[4:] if ratio_key else ""))
         return out
-    # any other benchmark: each table row, its first number and its last ratio ("1.23x") if any
+    # any other benchmark: per table row, its first rate ("/s" in the header; else its first number) and
+    # its last ratio ("1.23x"); the other cells name the row
     out = []
     for table in tables:
         for r in table:
-            keys = list(r)
-            labels = [r[k] for k in keys if _float(r[k]) is None]
-            numbers = [(k, _float(r[k])) for k in keys if _float(r[k]) is not None and not r[k].endswith("x")]
-            ratios = [(k, _float(r[k])) for k in keys if r[k].endswith("x") and _float(r[k]) is not None]
-            out.append(_row(name, ", ".join(labels) or "-", numbers[0][1] if numbers else None,
-                            numbers[0][0] if numbers else "", ratios[-1][1] if ratios else None,
-                            ratios[-1][0] if ratios else ""))
+            ratios = [k for k in r if r[k].endswith("x") and _float(r[k]) is not None]
+            numbers = [k for k in r if _float(r[k]) is not None and k not in ratios]
+            value = next((k for k in numbers if "/s" in k), numbers[0] if numbers else None)
+            ratio = ratios[-1] if ratios else None
+            labels = [r[k] if _float(r[k]) is None else f"{k} {r[k]}" for k in r if k not in (value, ratio)]
+            out.append(_row(name, ", ".join(labels) or "-", _float(r[value]) if value else None, value or "",
+                            _float(r[ratio]) if ratio else None, ratio or ""))
     return out
 
 
