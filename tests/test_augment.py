@@ -15,6 +15,7 @@ from pipeline.data.augment import (
     TrainAugment,
     ValAugment,
     crop_uniforms,
+    resize,
     rrc_box,
     seeded_pil_rngs,
 )
@@ -111,12 +112,27 @@ def test_draft_decode_matches_full_decode_closely():
     assert np.abs(drafted - ref).mean() < 4.0
 
 
-def test_val_transform_is_resize_then_center_crop():
-    cfg = DataConfig(eval_img_size=32, crop_pct=0.875)
-    out = ValAugment(cfg)(_jpeg(80, 60))
-    full = Image.open(io.BytesIO(_jpeg(80, 60))).convert("RGB").resize((48, 36), Image.BICUBIC)
-    ref = np.asarray(full.crop((8, 2, 40, 34)))
-    assert out.shape == (32, 32, 3) and np.array_equal(out, ref)
+def test_val_transform_is_timm_resize_then_center_crop():
+    """timm's eval transform with PIL; ours resizes with torch's antialiased uint8 kernel."""
+    from timm.data import create_transform
+
+    cfg = DataConfig(eval_img_size=64, crop_pct=0.875)
+    data = _jpeg(300, 200)
+    out = ValAugment(cfg)(data).astype(np.float32)
+    tf = create_transform(64, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    ref = tf(Image.open(io.BytesIO(data)).convert("RGB")).numpy().transpose(1, 2, 0)
+    ref = ref * np.array([0.229, 0.224, 0.225]) + np.array([0.485, 0.456, 0.406])
+    assert out.shape == (64, 64, 3)
+    assert np.abs(out - ref * 255).mean() < 0.6
+
+
+def test_resize_matches_pil_bicubic():
+    img = Image.open(io.BytesIO(_jpeg(320, 240, seed=2))).convert("RGB")
+    cases = [((10, 20, 250, 230), (64, 64)), ((0, 0, 320, 240), (120, 160)), ((5, 5, 45, 35), (64, 64))]
+    for box, size in cases:  # downscale, whole image, upscale
+        ours = resize(img, box, size, "bicubic").astype(np.int16)
+        pil = np.asarray(img.resize(size[::-1], Image.BICUBIC, box=box), np.int16)
+        assert ours.shape == pil.shape and np.abs(ours - pil).mean() < 0.1 and np.abs(ours - pil).max() <= 8
 
 
 def test_device_stage_normalises_erases_per_sample_and_mixes_per_batch():
