@@ -4,12 +4,13 @@ Stages (both formats apply the same operations with the same parameters):
 - crop: RandomResizedCrop box (scale 0.08-1, ratio 3/4-4/3, torchvision's algorithm) from the
   entry's key (`rrc_box`, shared as-is with FFCV's numba decoder, so a sample gets the same box in
   both formats). WebDataset decodes with PIL, using JPEG draft mode (DCT scaling by 1/2, 1/4, 1/8)
-  only as far as the crop still has >= img_size pixels per side, then one bicubic resize of the box.
+  only as far as the crop still has >= img_size pixels per side, then one antialiased bicubic resize
+  of the box (torch's uint8 kernel, which implements PIL's filter; see `resize`).
 - PIL stage (CPU, per sample): horizontal flip, then timm's `rand_augment_transform` with the
   hparams timm's `create_transform` uses (translate 0.45*size, mean fill, bicubic). timm uses python
-  `random` and numpy's global RNG; `seeded_pil_rngs` saves both once per batch, seeds them from
-  each entry's key, and restores them. Color jitter is applied only when RandAugment is off, as in
-  timm's `create_transform`.
+  `random` and numpy's global RNG; `seeded_pil_rngs` saves them (and torch's CPU generator) once
+  per batch, seeds them from each entry's key, and restores them. Color jitter is applied only when
+  RandAugment is off, as in timm's `create_transform`.
 - device stage (`DeviceAugment`, per batch on the training device): uint8 -> float, normalise,
   timm `RandomErasing` (per sample, python `random` and the device's torch generator seeded from the
   entry key), timm `Mixup`/CutMix with label smoothing (numpy RNG seeded from the batch position).
