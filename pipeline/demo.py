@@ -255,13 +255,14 @@ weights      {exported['model']}
              {exported['EMA']}
 
 next:
-  make demo FORMAT={'wds' if args.format == 'ffcv' else 'ffcv'}          the other loader
-  make test                        the test suite
+  {'make demo FORMAT=' + ('wds' if args.format == 'ffcv' else 'ffcv'):<35}# the other loader
+  make test                          # the test suite
   python -m pipeline eval --checkpoint {run_dir} --ema
   python -c "import timm, pipeline.models, safetensors.torch as st; \\
     m = timm.create_model('{cfg.model.name}', num_classes={args.classes}{kwargs}); \\
     m.load_state_dict(st.load_file('{exported['EMA']}'))"
-  make shards SRC=/data/imagenet && sbatch launch/rmt_l_64gpu.sh      the real thing (README)
+  make shards SRC=/data/imagenet     # the real thing (README: the walkthrough), then
+  SHARDS=shards/imagenet1k sbatch launch/rmt_l_64gpu.sh
 =======================================================================================""", flush=True)
     low = [f"{name} top-1 {res['top1']:.1f}%" for name, res in results.items() if res["top1"] < min_top1]
     if low:
