@@ -16,6 +16,7 @@
 #   SITE_SETUP    file sourced before training (module loads, conda, NCCL site settings)
 #                 (default: launch/site.sh when it exists)
 #   NCCL_*        passed through; NCCL_DEBUG defaults to WARN (see launch/README.md)
+# shellcheck shell=bash
 
 # The trainer's exit codes (run contract): 0 finished, 75 checkpointed on a signal: requeue me.
 RMT_EXIT_REQUEUE=75
@@ -145,7 +146,7 @@ rmt_slurm_main() {
   local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
   # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
+  # shellcheck disable=SC2086,SC2016  # SRUN_ARGS is a list of options; $SLURM_* expand in each task
   srun "${srun_opts[@]}" ${SRUN_ARGS:-} \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rmt-task \
     "$PYTHON" -m pipeline train "${RMT_TRAIN_ARGS[@]}" &

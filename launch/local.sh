@@ -27,6 +27,7 @@ cd "$RMT_ROOT" || exit 2
 # torchrun must not turn Ctrl-C/SIGTERM into killing its workers: this script handles those.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
 signalled=0
+# shellcheck disable=SC2317  # called by the trap
 on_stop() {
   signalled=1
   rmt_log "stop requested: asking the workers to checkpoint (SIGUSR1)"
