@@ -232,7 +232,7 @@ def test_real_failure_is_not_requeued(slurm_env, tiny_shards, tmp_path_factory):
     assert "training FAILED with exit code 2; NOT requeued" in log, log
 
 
-def test_requeue_limit_stops_the_loop(slurm_env, tiny_shards, tmp_path_factory):
+def test_requeue_limit_stops_the_loop_and_resubmitting_resumes(slurm_env, tiny_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     job_id, run_dir = _submit(slurm_env, tmp, "limited", tiny_shards, MAX_REQUEUES="0")
     _signal_when_training(slurm_env, job_id, run_dir)
@@ -242,6 +242,15 @@ def test_requeue_limit_stops_the_loop(slurm_env, tiny_shards, tmp_path_factory):
     assert "NOT requeuing: this job was already requeued 0 times (MAX_REQUEUES=0)" in log, log
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert f"resume point: {run_dir}/checkpoints/{tag}" in log, log
+
+    # the same command again (a new job) continues from there
+    job_id, _ = _submit(slurm_env, tmp, "limited", tiny_shards, MAX_REQUEUES="0")
+    job = _wait(slurm_env, job_id, run_dir)
+    log = _log(run_dir, job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert f"resume from: {run_dir}/checkpoints/{tag}" in log, log
+    ends = [m for m in _metrics(run_dir) if m["kind"] == "end"]
+    assert [(e["reason"], e["step"]) for e in ends] == [("signal", int(tag[5:])), ("finished", MAX_STEPS)]
 
 
 def test_missing_shards_fail_at_once_with_a_clear_message(slurm_env, tmp_path_factory):
