@@ -1,4 +1,4 @@
-"""FFCV .beton reading: FFCV's numba JPEG decode + crop, then the per-sample PIL stage (RandAugment).
+"""FFCV .beton reading: FFCV's numba JPEG decode + keyed crop, then the per-sample PIL stage (RandAugment).
 
 How the order gets in: we do not use FFCV's own orderings. `distributed=True` in FFCV works only
 with RANDOM and SEQUENTIAL (QUASI_RANDOM raises), emulates DistributedSampler (padding by repeating
@@ -10,7 +10,8 @@ Each order entry is a code `index + N * (repeat + R * epoch)`: the decoder (a su
 `ResizedCropRGBImageDecoder`) recovers (index, repeat, epoch), derives the entry key and takes the
 RandomResizedCrop box from `augment.rrc_box` compiled by numba, so a sample's crop is the same box
 as in the WebDataset loader. FFCV's decoder decodes the full JPEG (libjpeg-turbo) and resizes the
-box with OpenCV's INTER_AREA, not PIL bicubic; that is the one difference between the formats.
+box with OpenCV's INTER_AREA, not antialiased bicubic: the one difference in the operations (the
+README lists every difference between the formats). Val uses the same decoder with a center box.
 RandAugment needs PIL, which numba cannot call, so it runs in the worker right after FFCV hands
 over the uint8 batch. Labels come straight from the .beton's metadata table (no decoding).
 
