@@ -1,5 +1,6 @@
 """The `train` command end to end: 2 real processes on CPU under ZeRO-1/2/3 over tiny real shards;
-exact resume after SIGKILL; checkpoint on signal; 2 -> 1 process universal resume; non-finite loss."""
+exact resume after SIGKILL; checkpoint on signal; 2 -> 1 process universal resume; non-finite loss;
+a dead rank."""
 
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ def differences(dir_a: Path, dir_b: Path, ignore: tuple[str, ...] = ()) -> list[
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_process_zero_stage_learns(trainer, stage):
-    config, run = trainer.config(f"zero{stage}", data=NO_AUG, train={"epochs": 3, "batch_size": 8},
+    # ZeRO-1 also runs gradient accumulation: 2 micro-batches of 4 per step, the same global batch
+    train = {"epochs": 3, "batch_size": 4, "grad_accum": 2} if stage == 1 else {"epochs": 3, "batch_size": 8}
+    config, run = trainer.config(f"zero{stage}", data=NO_AUG, train=train,
                                  optim={"lr": 8e-3, "lr_base_batch": 16, "warmup_epochs": 0.5},
                                  checkpoint={"every_steps": 0, "keep": 1},
                                  metrics={"log_every": 4, "tensorboard": stage == 2, "progress": "lines"},
@@ -189,3 +192,21 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(trainer):
     weights = torch.load(run / "checkpoints" / good / "mp_rank_00_model_states.pt",
                          weights_only=False)["module"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), meta
+
+
+@pytest.mark.distributed
+def test_a_dead_rank_ends_the_job(trainer):
+    config, run = trainer.config("dead_peer", data=NO_AUG, train={"epochs": 20},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"},
+                                 checkpoint={"every_steps": 0, "keep": 1})
+    proc = trainer.start(config)
+    deadline = time.time() + 240
+    while not any(m.get("step", 0) >= 2 for m in metrics(run) if m["kind"] == "train"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.procs[1].kill()
+    proc.procs[1].wait()
+    rank0 = proc.procs[0]
+    out, err = rank0.communicate(timeout=120)
+    assert rank0.returncode == 1, err[-3000:]
+    assert "at step" in err.strip().splitlines()[-1]

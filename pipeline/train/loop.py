@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.config import Config
+from pipeline.train.config import Config, ConfigError
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import MetricsWriter, max_memory_gb, mfu
 
@@ -104,7 +104,7 @@ class Trainer:
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = len(train_loader) // self.accum
         if self.steps_per_epoch < 1:
-            raise TrainingError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than "
+            raise ConfigError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than "
                                 f"train.grad_accum={self.accum}: lower train.batch_size or grad_accum")
         self.pos = Position(world_size=self.world)
         self.loader_state: dict | None = None
@@ -186,14 +186,16 @@ class Trainer:
                     self.loader_state = None
                 micro_limit = self.steps_per_epoch * self.accum
                 it = iter(self.train_loader)
+                exhausted = False
                 while self.pos.micro_in_epoch < micro_limit:
                     t_wait = time.perf_counter()
                     try:
                         images, targets = next(it)
                     except StopIteration:
-                        raise TrainingError(
-                            f"train loader ended after {self.pos.micro_in_epoch} of {micro_limit} "
-                            f"micro-batches in epoch {self.pos.epoch} (rank {self.rank})") from None
+                        # after a resume at another world size the loader's exact sample position may
+                        # end the epoch a micro-batch before our rounded count does (same on all ranks)
+                        exhausted = True
+                        break
                     window["wait"] += time.perf_counter() - t_wait
                     torch.manual_seed(step_seed(cfg.seed, self.pos.step, self.pos.micro_in_epoch, self.rank))
                     loss = loss_fn(self.engine(images), targets, smoothing)
@@ -237,7 +239,8 @@ class Trainer:
                             and self.pos.micro_in_epoch < micro_limit):  # else the epoch-end save follows
                         self.save()
                         window["t0"] = time.perf_counter()  # a save is not step time
-                if self.pos.micro_in_epoch >= micro_limit:
+                getattr(it, "close", lambda: None)()  # stops loader workers of an unfinished pass
+                if self.pos.micro_in_epoch >= micro_limit or exhausted:
                     self.pos.epoch += 1
                     self.pos.micro_in_epoch = 0
                     if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:

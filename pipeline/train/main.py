@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     random.seed(cfg.seed * 1000 + env.rank)
     np.random.seed((cfg.seed * 1000 + env.rank) % 2**32)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
     engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
     steps_per_epoch = len(train_loader) // cfg.train.grad_accum
