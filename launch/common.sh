@@ -58,13 +58,15 @@ rmt_resume_point() {
   if [ -s "$latest" ]; then echo "$RUN_DIR/checkpoints/$(cat "$latest")"; else echo "none (fresh start)"; fi
 }
 
+# Source the site's setup file (modules, environments, PYTHON, NCCL_*) before anything is resolved.
 rmt_site_setup() {
   local site=${SITE_SETUP:-$RMT_ROOT/launch/site.sh}
+  RMT_SITE_SOURCED="none"
   if [ -n "${SITE_SETUP:-}" ] && [ ! -f "$site" ]; then rmt_fail "SITE_SETUP=$site does not exist"; fi
   if [ -f "$site" ]; then
-    rmt_log "sourcing $site"
     # shellcheck disable=SC1090
-    source "$site"
+    source "$site" || rmt_fail "sourcing $site failed"
+    RMT_SITE_SOURCED=$site
   fi
 }
 
@@ -109,13 +111,13 @@ rmt_slurm_main() {
   RMT_SRUN_PID=
   trap rmt_on_usr1 USR1
 
+  rmt_site_setup
   rmt_resolve_settings "${SLURM_GPUS_PER_NODE:-}" "$@"
   mkdir -p "$RUN_DIR/logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
   # Everything below also goes to the run dir (the #SBATCH --output file cannot name it).
   exec > >(tee -a "$RUN_DIR/logs/slurm-$SLURM_JOB_ID.out") 2>&1
   local tee_pid=$!
 
-  rmt_site_setup
   rmt_nccl_defaults
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
@@ -133,7 +135,7 @@ rmt_slurm_main() {
   rmt_log "run dir: $RUN_DIR"
   rmt_log "shards: ${SHARDS:-data.root of the config}"
   rmt_log "resume from: $(rmt_resume_point)"
-  rmt_log "python: $PYTHON"
+  rmt_log "python: $PYTHON; site setup: $RMT_SITE_SOURCED"
   rmt_log "NCCL: $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"
   rmt_log "train: $PYTHON -m pipeline train ${RMT_TRAIN_ARGS[*]}"
 

@@ -15,12 +15,12 @@ source "$RMT_ROOT/launch/common.sh" || exit 2
 
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NPROC=${NPROC:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}
-rmt_resolve_settings "${gpus:-0}" "$@"
 rmt_site_setup
+rmt_resolve_settings "${gpus:-0}" "$@"
 rmt_nccl_defaults
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 rmt_log "processes: $NPROC; GPUs: ${gpus:-0}; device: $DEVICE; OMP_NUM_THREADS=$OMP_NUM_THREADS"
-rmt_log "config: $CONFIG"
+rmt_log "config: $CONFIG; site setup: $RMT_SITE_SOURCED"
 rmt_log "run dir: $RUN_DIR"
 rmt_log "resume from: $(rmt_resume_point)"
 cd "$RMT_ROOT" || exit 2

@@ -224,10 +224,14 @@ def test_preemption_requeues_resumes_and_matches_uninterrupted(slurm_env, tiny_s
 
 def test_real_failure_is_not_requeued(slurm_env, tiny_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
-    job_id, run_dir = _submit(slurm_env, tmp, "broken", tiny_shards, ["train.no_such_key=1"])
+    site = tmp / "site.sh"  # a site setup file (modules, NCCL settings) is sourced first
+    site.write_text("export NCCL_SOCKET_IFNAME=lo\n")
+    job_id, run_dir = _submit(slurm_env, tmp, "broken", tiny_shards, ["train.no_such_key=1"],
+                              SITE_SETUP=str(site))
     job = _wait(slurm_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), log
+    assert f"site setup: {site}" in log and "NCCL_SOCKET_IFNAME=lo" in log, log
     assert "no_such_key" in log, log
     assert "training FAILED with exit code 2; NOT requeued" in log, log
 
