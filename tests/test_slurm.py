@@ -34,7 +34,7 @@ JOB_TIMEOUT_S = 240
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
-MAX_STEPS = 24
+MAX_STEPS = 40  # long enough that the signal (sent at step 2, delivered within ~1 s) lands mid-run
 # The demo recipe shrunk for a contended 2-core box; the same for every run so their weights compare.
 TINY_MODEL = "model.kwargs={embed_dims: [16, 32, 64, 64], depths: [1, 1, 2, 1], num_heads: [1, 1, 2, 2]}"
 OVERRIDES = [
