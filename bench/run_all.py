@@ -29,13 +29,13 @@ SECTION = "## Summary (make bench)"
 
 # name -> (module, small options: each passed only when the script's --help lists the flag)
 BENCHES: dict[str, tuple[str, list[list[str]]]] = {
-    "model": ("bench.bench_model", [["--models", "rmt_t"], ["--size", "112"], ["--batch", "4"],
+    "model": ("bench.bench_model", [["--models", "rmt_t"], ["--size", "128"], ["--batch", "4"],
                                     ["--steps", "2"]]),
     "data": ("bench.bench_data", [["--classes", "4"], ["--train-per-class", "16"], ["--val-per-class", "8"],
                                   ["--batch", "16"], ["--workers", "1"], ["--repeat", "1"]]),
     # its defaults are small already (450 images); fewer would measure start-up, not throughput
     "shards": ("bench.bench_shards", []),
-    "engine": ("bench.bench_engine", [["--quick"], ["--steps", "5"]]),
+    "engine": ("bench.bench_engine", [["--steps", "5"]]),
 }
 
 
@@ -62,8 +62,17 @@ def _float(text: str) -> float | None:
     return float(m.group(0)) if m else None
 
 
-def _row(bench: str, what: str, value: float | None, unit: str, ratio: float | None, vs: str) -> dict:
-    return {"bench": bench, "what": what, "value": value, "unit": unit, "ratio": ratio, "vs": vs}
+def _row(bench: str, what: str, value: float | None, unit: str, ratio: float | None, vs: str,
+         ratio_unit: str = "x") -> dict:
+    """One summary row; `ratio` is a factor shown as "1.23x", or with ratio_unit "%" a fraction."""
+    return {"bench": bench, "what": what, "value": value, "unit": unit, "ratio": ratio,
+            "ratio_unit": ratio_unit, "vs": vs}
+
+
+def _number_unit(text: str) -> tuple[float, str] | None:
+    """"331 ms" -> (331.0, "ms"); "1.5" -> (1.5, ""); "1.38%" -> (1.38, "%"); else None."""
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*([^\d\s].*)?", text.strip())
+    return (float(m.group(1)), (m.group(2) or "").strip()) if m else None
 
 
 def summarize(name: str, result: dict) -> list[dict]:
@@ -81,6 +90,19 @@ def summarize(name: str, result: dict) -> list[dict]:
                             "memory vs the straightforward MaSA"))
         return out
     tables = result.get("tables", [])
+    if "json" in result and name == "engine" and "train_step_ms" in result["json"]:
+        j = result["json"]
+        setting = f"{j['model']}, {j['img']} px, batch {j['batch']}, 1 process, ZeRO-2"
+        step, frac, of_step = j["train_step_ms"], j["per_step_overhead_frac"], "of a training step"
+        return [
+            _row(name, f"training step ({setting})", step, "ms", None, ""),
+            _row(name, "trainer's own per-step work (EMA, stop/non-finite all_reduce, reseed, metrics)",
+                 step * frac, "ms", frac, of_step, "%"),
+            _row(name, "EMA update", j["ema_update_ms"], "ms", j["ema_update_ms"] / step, of_step, "%"),
+            _row(name, f"checkpoint save ({j['checkpoint_gb']:.2f} GB)", j["save_s_per_gb"], "s/GB", None,
+                 ""),
+            _row(name, "checkpoint load", j["load_s_per_gb"], "s/GB", None, ""),
+        ]
     if name == "data":
         out = []
         for table in tables:
@@ -101,18 +123,20 @@ def summarize(name: str, result: dict) -> list[dict]:
                                 _float(r[ratio_key]) if ratio_key else None,
                                 ratio_key[4:] if ratio_key else ""))
         return out
-    # any other benchmark: per table row, its first rate ("/s" in the header; else its first number) and
-    # its last ratio ("1.23x"); the other cells name the row
+    # any other benchmark: per table row, its first rate ("/s" in the header; else its first number,
+    # units allowed: "331 ms") and its last ratio ("1.23x"); the other cells name the row
     out = []
     for table in tables:
         for r in table:
-            ratios = [k for k in r if r[k].endswith("x") and _float(r[k]) is not None]
-            numbers = [k for k in r if _float(r[k]) is not None and k not in ratios]
+            parsed = {k: _number_unit(v) for k, v in r.items()}
+            ratios = [k for k in r if parsed[k] and parsed[k][1] == "x"]
+            numbers = [k for k in r if parsed[k] and k not in ratios]
             value = next((k for k in numbers if "/s" in k), numbers[0] if numbers else None)
             ratio = ratios[-1] if ratios else None
-            labels = [r[k] if _float(r[k]) is None else f"{k} {r[k]}" for k in r if k not in (value, ratio)]
-            out.append(_row(name, ", ".join(labels) or "-", _float(r[value]) if value else None, value or "",
-                            _float(r[ratio]) if ratio else None, ratio or ""))
+            labels = [v if parsed[k] is None else f"{k} {v}" for k, v in r.items() if k not in (value, ratio)]
+            unit = (f"{value} ({parsed[value][1]})" if parsed[value][1] else value) if value else ""
+            out.append(_row(name, ", ".join(labels) or "-", parsed[value][0] if value else None, unit,
+                            parsed[ratio][0] if ratio else None, ratio or ""))
     return out
 
 
@@ -144,6 +168,14 @@ def run_bench(name: str, module: str, options: list[list[str]], full: bool, tmp:
         return result
     if out_json.is_file():
         result["json"] = json.loads(out_json.read_text())
+    else:  # a script that prints its results as one JSON object line
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    result["json"] = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    continue
     text = out_md.read_text() if out_md.is_file() else proc.stdout
     result["tables"] = parse_tables(text)
     return result
@@ -188,7 +220,12 @@ def markdown(results: dict) -> str:
         if not rows:
             lines.append(f"| {name} | {res['script']}: no table found in its output | - | - | - | - |")
         for r in rows:
-            ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+            if r["ratio"] is None:
+                ratio = "-"
+            elif r["ratio_unit"] == "%":
+                ratio = f"{100 * r['ratio']:.2g}%"
+            else:
+                ratio = f"{r['ratio']:.2f}x"
             lines.append(f"| {name} | {r['what']} | {_fmt(r['value'])} | {r['unit']} | {ratio} | {r['vs']} |")
     return "\n".join(lines) + "\n"
 

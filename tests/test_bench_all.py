@@ -29,6 +29,9 @@ def test_parse_tables_and_generic_summary():
     assert [(r["what"], r["value"], r["unit"], r["ratio"], r["vs"]) for r in rows] == [
         ("copy, workers 1", 500.0, "images/s", 1.0, "vs. base"),
         ("ffcv, workers 2", 125.5, "images/s", 0.25, "vs. base"), ("x", 3.0, "b", None, "")]
+    units = parse_tables("| what | time | vs step |\n|---|---|---|\n| EMA update | 4.6 ms | 1.38% |")
+    assert [(r["what"], r["value"], r["unit"]) for r in summarize("other", {"tables": units})] == [
+        ("EMA update, vs step 1.38%", 4.6, "time (ms)")]
     shards = summarize("shards", {"tables": tables[:1]})
     assert [(r["what"], r["value"], r["ratio"], r["vs"]) for r in shards] == [
         ("copy, 1 worker(s)", 500.0, 1.0, "base"), ("ffcv, 2 worker(s)", 125.5, 0.25, "base")]
