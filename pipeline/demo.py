@@ -140,23 +140,29 @@ def train_with_interruption(launch: Launch, run_dir: Path, epochs: int, poll_s: 
     spe = stop_at = None
     proc = launch.start()
     signalled = False
-    while proc.poll() is None:
-        time.sleep(poll_s)
-        recs = _records(run_dir)
-        evals = [r for r in recs if r["kind"] == "eval"]
-        if stop_at is None and evals:
-            spe = evals[0]["step"] // evals[0]["epoch"]  # evaluation follows every epoch
-            stop_at = spe * max(1, epochs // 2) + max(1, spe // 2)
-        if not signalled and stop_at is not None and any(
-                r["kind"] == "train" and r["step"] >= stop_at for r in recs):
-            _say(f"step {stop_at} reached: sending SIGTERM to launch/local.sh, as a preemption would "
-                 "(workers save a checkpoint and exit 75)")
-            proc.send_signal(signal.SIGTERM)
-            signalled = True
+    try:
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            recs = _records(run_dir)
+            evals = [r for r in recs if r["kind"] == "eval"]
+            if stop_at is None and evals:
+                spe = evals[0]["step"] // evals[0]["epoch"]  # evaluation follows every epoch
+                stop_at = spe * max(1, epochs // 2) + max(1, spe // 2)
+            if not signalled and stop_at is not None and any(
+                    r["kind"] == "train" and r["step"] >= stop_at for r in recs):
+                _say(f"step {stop_at} reached: sending SIGTERM to launch/local.sh, as a preemption would "
+                     "(workers save a checkpoint and exit 75)")
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+    except KeyboardInterrupt:  # the launcher got Ctrl-C too and checkpoints
+        _wait(proc)
+        raise DemoError("interrupted by Ctrl-C; `make demo` again starts a fresh demo") from None
     code = _wait(proc)
     if not signalled:
-        raise DemoError(f"training ended (exit {code}) before the demo could interrupt it; see the output "
-                        "above (give it more epochs: train.epochs=...)")
+        if code != 0:
+            raise DemoError(f"training (launch/local.sh) failed with exit {code}; its output is above")
+        raise DemoError("training finished before the demo could interrupt it (give it more epochs: "
+                        "train.epochs=...)")
     _check(code, "the interrupted training (launch/local.sh)", EXIT_REQUEUE)
     print("[demo] (torchrun reports the workers' exit 75 above as a failure: 75 means 'checkpoint saved, "
           "requeue me', which local.sh reports as such)", flush=True)
