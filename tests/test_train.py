@@ -1,13 +1,16 @@
 """The `train` command end to end: 2 real processes on CPU under ZeRO-1/2/3 over tiny real shards;
 exact resume after SIGKILL; checkpoint on signal; 2 -> 1 process universal resume; non-finite loss;
-a dead rank."""
+a dead rank; a hung collective."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +213,39 @@ def test_a_dead_rank_ends_the_job(trainer):
     out, err = rank0.communicate(timeout=120)
     assert rank0.returncode == 1, err[-3000:]
     assert "at step" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.distributed
+def test_a_hung_collective_times_out_naming_the_step(trainer):
+    """Rank 1 frozen (SIGSTOP): rank 0, stuck in a collective, exits after the timeout naming the step."""
+    config, run = trainer.config("hung_peer", data=NO_AUG, train={"epochs": 20, "collective_timeout_s": 15},
+                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"},
+                                 checkpoint={"every_steps": 0, "keep": 1})
+    proc = trainer.start(config)
+    try:
+        deadline = time.time() + 240
+        while not any(m.get("step", 0) >= 2 for m in metrics(run) if m["kind"] == "train"):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        proc.procs[1].send_signal(signal.SIGSTOP)
+        t = time.time()
+        out, err = proc.procs[0].communicate(timeout=120)
+        assert proc.procs[0].returncode == 1, err[-3000:]
+        assert 10 < time.time() - t < 90
+        last = err.strip().splitlines()[-1]
+        # gloo's own timeout raises in the loop (message names the step), or, where the collective does
+        # not raise, the watchdog ends the process (message names the phase and step)
+        assert re.search(r"collective timed out at step \d+|(step \d+|evaluation|checkpoint).* did not "
+                         r"finish .*collective_timeout_s=15", last), last
+    finally:
+        proc.kill()
+
+
+def test_watchdog_ends_a_stuck_phase_naming_it():
+    code = ("import time; from pipeline.train.loop import Watchdog; w = Watchdog(1.0, 3); "
+            "w.enter('step 7 (epoch 0)'); time.sleep(30)")
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.time() - t < 20
+    expected = "error: step 7 (epoch 0) did not finish on rank 3 within train.collective_timeout_s=1s"
+    assert expected in proc.stderr

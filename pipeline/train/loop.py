@@ -8,8 +8,11 @@ and Mixup are seeded per sample/batch by the loader; the LR is a pure function o
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,34 @@ class StopFlag:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+
+
+class Watchdog:
+    """Ends this process (exit 1) when one phase - a step, an evaluation, a save - outlasts `timeout_s`.
+
+    A hung collective does not always raise (gloo waits on a live but stopped peer; NCCL's own watchdog
+    aborts without saying where), so a thread names the phase and step and exits; the other ranks then
+    see a dead peer and exit too, and the launcher can restart the job from the last checkpoint.
+    """
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.state: tuple[str, float] | None = None
+        threading.Thread(target=self._watch, daemon=True, name="collective-watchdog").start()
+
+    def enter(self, phase: str) -> None:
+        self.state = (phase, time.monotonic())
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(5.0, self.timeout_s / 5))
+            state = self.state
+            if state is not None and time.monotonic() - state[1] > self.timeout_s:
+                print(f"error: {state[0]} did not finish on rank {self.rank} within "
+                      f"train.collective_timeout_s={self.timeout_s:g}s: a collective is hung (another rank "
+                      f"is stuck or dead); restart from the last checkpoint", file=sys.stderr, flush=True)
+                os._exit(1)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -106,6 +137,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than "
                                 f"train.grad_accum={self.accum}: lower train.batch_size or grad_accum")
+        self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank)
         self.pos = Position(world_size=self.world)
         self.loader_state: dict | None = None
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -140,6 +172,7 @@ class Trainer:
         return flag.item() == 0.0
 
     def save(self) -> str:
+        self.watchdog.enter(f"checkpoint save at step {self.pos.step}")
         if not self._params_finite():
             raise TrainingError(f"non-finite weights at step {self.pos.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
@@ -188,6 +221,7 @@ class Trainer:
                 it = iter(self.train_loader)
                 exhausted = False
                 while self.pos.micro_in_epoch < micro_limit:
+                    self.watchdog.enter(f"step {self.pos.step + 1} (epoch {self.pos.epoch})")
                     t_wait = time.perf_counter()
                     try:
                         images, targets = next(it)
@@ -244,6 +278,7 @@ class Trainer:
                     self.pos.epoch += 1
                     self.pos.micro_in_epoch = 0
                     if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:
+                        self.watchdog.enter(f"evaluation after epoch {self.pos.epoch}")
                         res = self.evaluate()
                         writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res})
                 self.save()
