@@ -148,9 +148,10 @@ class Trainer:
     def restore(self, client_state: dict, rank_state: dict, ema_state: dict | None) -> None:
         old = client_state["position"]
         self.pos.step, self.pos.epoch = old["step"], old["epoch"]
-        # micro-batches of the epoch already done, at this world size (the loader maps the position)
+        # micro-batches of the epoch already done, at this world size, on an accumulation boundary (the
+        # loader itself continues from the exact sample position; DeepSpeed counts micro-steps from 0)
         seen = old["micro_in_epoch"] * old["world_size"]
-        self.pos.micro_in_epoch = seen // self.world
+        self.pos.micro_in_epoch = seen // self.world // self.accum * self.accum
         self.loader_state = rank_state["loader"] if self.pos.micro_in_epoch else None
         if old["world_size"] == self.world:
             set_rng_state(rank_state["rng"])
