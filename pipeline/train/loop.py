@@ -152,7 +152,7 @@ class Trainer:
         # loader itself continues from the exact sample position; DeepSpeed counts micro-steps from 0)
         seen = old["micro_in_epoch"] * old["world_size"]
         self.pos.micro_in_epoch = seen // self.world // self.accum * self.accum
-        self.loader_state = rank_state["loader"] if self.pos.micro_in_epoch else None
+        self.loader_state = rank_state["loader"] if old["micro_in_epoch"] else None
         if old["world_size"] == self.world:
             set_rng_state(rank_state["rng"])
         if self.ema is not None:
