@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("pipeline.models.info", "parameters and FLOPs of an RMT model"),
     "fake-imagenet": ("pipeline.data.fake", "write a small learnable fake ImageNet in every real layout"),
     "shards": ("pipeline.data.shards", "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
-    "verify-shards": ("pipeline.data.shard_verify", "re-read a shards folder: checksums, keys, labels, images"),
+    "verify-shards": ("pipeline.data.shard_verify", "re-read shards: checksums, keys, labels, images"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
-    "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume -> eval, export, report"),
+    "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),
 }
 
 
