@@ -9,13 +9,10 @@ SYSTEM_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast lint
-help:
-	@echo "make setup      create $(VENV) with the project, FFCV and dev tools (idempotent)"
-	@echo "make test       the whole test suite (what CI runs)"
-	@echo "make test-fast  the suite without tests marked slow"
-	@echo "make lint       ruff"
+help:  ## this list
+	@grep -E '^[a-z-]+:[^#]*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /  make \1\t/' | expand -t 24
 
-setup: $(STAMP)
+setup: $(STAMP)  ## create .venv with the project, FFCV and dev tools (idempotent; quick when nothing changed)
 
 $(STAMP): pyproject.toml
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -35,13 +32,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[ffcv,dev]"
 	touch $(STAMP)
 
-test: setup
+test: setup  ## the whole test suite, slow tests and the SLURM tests included (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup  ## the suite without tests marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: setup
+lint: setup  ## ruff
 	$(VENV)/bin/ruff check pipeline tests bench
 
 # ---- SLURM (launch/): a real one-node cluster on this machine, for the launch-script tests ----
