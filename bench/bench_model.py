@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -90,20 +89,29 @@ def time_pair(model_name: str, precision: str, size: int, batch: int, steps: int
 def peak_memory_gib(model_name: str, impl: str, precision: str, size: int, batch: int, device: str,
                     checkpointing: bool) -> float:
     """Peak memory of two training steps beyond what the process held before them (weights, inputs,
-    the framework itself): peak RSS on CPU, run in a fresh process; the allocator's peak on CUDA."""
+    the framework itself): on CPU the peak RSS of this (fresh) process, on CUDA the allocator's peak."""
     model, opt = build(model_name, impl, device, checkpointing)
     step = make_step(model, opt, precision, size, batch, device)
     if device.startswith("cuda"):
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/statm") as f:
-            before = int(f.read().split()[1]) * resource.getpagesize()
+        before = _proc_status_bytes("VmRSS")
     step()
     step()
     if device.startswith("cuda"):
         return (torch.cuda.max_memory_allocated() - before) / 2**30
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30
+    return (_proc_status_bytes("VmHWM") - before) / 2**30
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status. VmHWM (peak RSS) belongs to this process image, unlike
+    getrusage's ru_maxrss, which Linux carries over from the parent across fork + exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def run_child(args: list[str]) -> dict:
