@@ -81,6 +81,7 @@ def test_model_logits_match_reference(name, size):
         assert rel_err(model(x), reference(x)) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_attention_backends_agree(backend):
     torch.manual_seed(0)
