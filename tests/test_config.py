@@ -68,6 +68,7 @@ def test_overrides_by_their_documented_names():
     (["train.precision=bf17"], "config key 'train.precision'"),
     (["train.batch_size=0"], "config key 'train.batch_size' must be >= 1"),
     (["data.format=tar"], "data.format='tar'"),
+    (["data.img_size=100"], "config key 'data.img_size' must be a multiple of 32"),
     (["train.nonfinite=skip", "train.grad_accum=2"], "config key 'train.nonfinite'"),
     (["train"], "must look like section.key=value"),
     (["train.epochs.x=1"], "'epochs' is not a section"),

@@ -186,6 +186,10 @@ def test_load_rmt_checkpoint_layouts(tmp_path, layout):
 def test_load_rmt_checkpoint_errors(tmp_path):
     with pytest.raises(pipeline.models.CheckpointError, match="does not exist"):
         pipeline.models.load_rmt_checkpoint(tmp_path / "missing.pth")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(pipeline.models.CheckpointError, match="drop --ema"):
+        pipeline.models.load_rmt_checkpoint(weights, use_ema=True)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(pipeline.models.CheckpointError, match="cannot read"):

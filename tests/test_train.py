@@ -109,8 +109,13 @@ def test_two_process_zero_stage_learns(trainer, stage):
     if stage == 2:
         assert any((run / "tensorboard").iterdir())
         # the same command again: already finished, resumes and exits at once
-        check(trainer.run(config))
-        assert metrics(run)[-1] == {**metrics(run)[-1], "kind": "end", "reason": "finished", "step": 12}
+        before = len(metrics(run))
+        again = trainer.run(config)
+        check(again)
+        assert "resumed from" in again.stdout
+        after = metrics(run)
+        assert len(after) == before + 1
+        assert after[-1] == {**after[-1], "kind": "end", "reason": "finished", "step": 12}
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ from pipeline.models.rmt import checkpoint_filter_fn
 
 
 class CheckpointError(ValueError):
-    """A weights file that is missing, unreadable or not an RMT state dict."""
+    """A weights file or training checkpoint that is missing, unreadable, incomplete or incompatible."""
 
 
 def load_rmt_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -21,6 +21,9 @@ def load_rmt_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, to
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        if use_ema:
+            raise CheckpointError(f"{path} is a safetensors file with one set of weights: drop --ema "
+                                  f"(export the EMA with `python -m pipeline export ... --ema`)")
         from safetensors.torch import load_file
 
         return load_file(str(path))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.models.checkpoints import CheckpointError
 from pipeline.train.config import Config, ConfigError, fingerprint, fingerprint_diff, fingerprint_parts
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -33,10 +34,6 @@ META = "meta.json"
 LATEST = "latest"
 EMA_FILE = "ema.pt"
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or incompatible with the config."""
 
 
 def tag_for(step: int) -> str:

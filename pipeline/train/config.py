@@ -258,6 +258,11 @@ def _check_values(cfg: Config) -> None:
     if cfg.train.nonfinite == "skip" and cfg.train.grad_accum != 1:
         raise ConfigError("config key 'train.nonfinite': 'skip' needs train.grad_accum=1 (a skipped "
                           "micro-batch would shift DeepSpeed's accumulation boundary); use 'stop'")
+    for key in ("img_size", "eval_img_size"):
+        value = getattr(cfg.data, key)
+        if value % 32:
+            raise ConfigError(f"config key 'data.{key}' must be a multiple of 32 (RMT's total stride), "
+                              f"got {value}")
     try:
         cfg.data.validate()
     except DataError as e:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.models.checkpoints import CheckpointError
+
 
 def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
@@ -67,7 +69,7 @@ class ShardedEma:
         names = [n for n, _ in self.params] + [n for n, _ in self.buffers]
         missing = [n for n in names if n not in state]
         if missing:
-            raise KeyError(f"EMA state lacks {missing[:3]}")
+            raise CheckpointError(f"the checkpoint's EMA lacks {missing[:3]}: it was saved for another model")
         for s, (name, p) in zip(self.shadow, self.params, strict=True):
             full = state[name].to(s.device, torch.float32).flatten()
             if _partitioned(p):

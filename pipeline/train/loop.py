@@ -302,7 +302,7 @@ class Trainer:
         return bool(self.cfg.train.max_steps) and self.pos.step >= self.cfg.train.max_steps
 
     def _log(self, writer: MetricsWriter, window: dict) -> None:
-        stats = torch.tensor([window["loss"], float(window["n"])], dtype=torch.float64)
+        stats = torch.tensor([window["loss"], float(window["n"])], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats)
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
         images = window["images"] * self.world

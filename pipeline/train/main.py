@@ -68,7 +68,9 @@ def _run(args: argparse.Namespace) -> int:
     stop = StopFlag()
     stop.install()  # before anything slow, so an early signal is not lost
     _quiet_deepspeed()
-    distributed.init(env, device, cfg.train.collective_timeout_s)
+    # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
+    # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
+    distributed.init(env, device, 2 * cfg.train.collective_timeout_s)
 
     output_dir = Path(cfg.output_dir)
     ckpt_dir = output_dir / "checkpoints"
