@@ -1,7 +1,9 @@
 """`make bench-model`: RMT training-step throughput and peak memory, our MaSA vs the straightforward one.
 
-Each measurement runs in a fresh subprocess so its peak memory (peak RSS on CPU, the CUDA allocator's
-peak on GPU) is its own. One step = forward + backward + AdamW step on random images. The "reference"
+One step = forward + backward + AdamW step on random images. Speed: both implementations in this
+process, steps interleaved, the fastest counts (load from other processes hits both alike). Memory:
+each in a fresh subprocess (peak RSS above the RSS before the first step on CPU, the CUDA
+allocator's peak on GPU), so it is its own. The "reference"
 implementation is `bench/reference_rmt.py` (explicit softmax(QK^T + mask) V, masks rebuilt each call),
 with the same weights. Also measured: the FLOP/s of one large bf16/fp32 matmul on the same device, so
 the model's achieved FLOP/s can be read as a fraction of what the hardware does on dense matmuls.
