@@ -107,7 +107,7 @@ def main() -> int:
     for i in range(3):
         t = time.perf_counter()
         tag = ckpt.save(engine, ckpt_dir, 1000 + i, cfg, {"position": {}}, {"rng": None},
-                        ema.full_state_dict(), {})
+                        ema.full_state_dict(), {}, run_id="bench")
         save_times.append(time.perf_counter() - t)
         size = du(ckpt_dir / tag)
         t = time.perf_counter()

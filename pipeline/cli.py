@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import PipelineError
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train.main", "train RMT with DeepSpeed (resumes from output_dir/checkpoints/latest)"),
@@ -19,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fake-imagenet": ("pipeline.data.fake", "write a small learnable fake ImageNet in every real layout"),
     "shards": ("pipeline.data.shards", "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
     "verify-shards": ("pipeline.data.shard_verify", "re-read shards: checksums, keys, labels, images"),
+    "verify-checkpoint": ("pipeline.train.verify_checkpoint",
+                          "check a run's checkpoints (sizes, sha256) without loading them"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
     "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),
 }
@@ -46,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except PipelineError as e:  # expected failures: one line, the error's exit code
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code

@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.errors import EXIT_REQUEUE, PipelineError
+
 REPO = Path(__file__).resolve().parents[1]
-EXIT_REQUEUE = 75
 
 
-class DemoError(RuntimeError):
+class DemoError(PipelineError, RuntimeError):
     """A demo step failed; the message names the step and where its output is."""
 
 

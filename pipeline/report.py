@@ -21,10 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import InputError
+
 PLOTS = ("loss.png", "lr.png", "accuracy.png", "throughput.png")
 
 
-class ReportError(ValueError):
+class ReportError(InputError, ValueError):
     """A run dir or metrics file that cannot be reported on; the message names it and the fix."""
 
 

@@ -26,6 +26,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 WNID_RE = re.compile(r"^n\d{8}$")
 VAL_KEY_RE = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -45,7 +47,7 @@ EXPECTED = (
 )
 
 
-class DataError(Exception):
+class DataError(InputError):
     """Bad input or output for the data commands; the message says what is wrong and how to fix it."""
 
 

@@ -1,16 +1,22 @@
-"""Checkpoints: atomic save, `latest`, retention, config fingerprint, universal (world-size) conversion.
+"""Checkpoints: atomic verified save, choosing what to resume, retention, universal conversion.
 
 Layout of `<output_dir>/checkpoints/`:
 
     step_00000120/                 DeepSpeed's files (module, ZeRO optimizer partitions, client state)
         trainer_rank00000.pt ...   per rank: loader state and RNG states
         ema.pt                     consolidated fp32 EMA (rank 0)
-        meta.json                  written last by rank 0, after every rank finished: the "complete" mark
+        config.yaml                the config these weights were trained with (eval/export read it)
+        meta.json                  written last by rank 0, after every rank finished: the "complete" mark;
+                                   lists every file above with its size and sha256, and the run id
     step_00000120_universal/       DeepSpeed universal checkpoint, made when resuming at another world size
+    step_00000124.damaged/         a checkpoint found damaged at resume, set aside (never deleted, never
+                                   counted by `checkpoint.keep`)
     latest                         names the newest complete tag; replaced atomically (os.replace)
 
 A crash mid-save leaves a directory without meta.json, which is never resumed from and is removed by
 the next save; the previous checkpoint and `latest` are untouched until the new one is complete.
+Resume takes the newest *verified* checkpoint (`choose_resume`), saying in one line which newer ones
+were skipped and why.
 """
 
 from __future__ import annotations
@@ -27,12 +33,21 @@ import torch
 import torch.distributed as dist
 
 from pipeline.models.checkpoints import CheckpointError
-from pipeline.train.config import Config, ConfigError, fingerprint, fingerprint_diff, fingerprint_parts
+from pipeline.train import checkpoint_verify as verify
+from pipeline.train.config import (
+    Config,
+    ConfigError,
+    fingerprint,
+    fingerprint_diff,
+    fingerprint_parts,
+    save_config,
+)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
-META = "meta.json"
+META = verify.META
 LATEST = "latest"
 EMA_FILE = "ema.pt"
+CONFIG_FILE = "config.yaml"
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
 
 
@@ -73,11 +88,83 @@ def read_latest(ckpt_dir: str | Path) -> str | None:
 
 
 def read_meta(tag_dir: str | Path) -> dict:
-    path = Path(tag_dir) / META
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{tag_dir}' is incomplete (no {META}): "
-                              "use an older tag or restart")
-    return json.loads(path.read_text())
+    meta, err = verify.read_meta(Path(tag_dir))
+    if err:
+        raise CheckpointError(f"checkpoint '{tag_dir}': {err}: use an older checkpoint")
+    return meta
+
+
+def step_dirs(ckpt_dir: Path) -> list[str]:
+    """Every step_* directory, complete or not, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    """Anything a previous run left: a step dir (complete or not), a set-aside one, or `latest`."""
+    return ckpt_dir.is_dir() and any(p.name == LATEST or p.name.startswith("step_")
+                                     for p in ckpt_dir.iterdir())
+
+
+def _shares(names: list[str]) -> list[str]:
+    """This rank's share of `names` (each rank hashes or checks every world_size-th file)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return names[rank::world]
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def verified_problems(tag_dir: Path) -> list[str]:
+    """Collective: what is wrong with `tag_dir` (empty when verified); the files are checked by all ranks."""
+    meta, err = verify.read_meta(tag_dir)
+    if err:
+        return [err]
+    names = sorted(meta.get("files") or {})
+    found = verify.problems(tag_dir, _shares(names)) if names else []
+    return sorted(p for part in _gather(found) for p in part)
+
+
+def choose_resume(ckpt_dir: Path, log) -> str | None:
+    """Collective: the newest verified checkpoint's tag, or None when no checkpoint was ever completed.
+
+    Newer checkpoints that fail verification are set aside as `<tag>.damaged` (rank 0) and named in
+    one line each through `log`. A run dir that has (or had) a complete checkpoint but none verified
+    raises CheckpointError: it never silently starts over.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    skipped = []
+    for tag in reversed(step_dirs(ckpt_dir)):
+        found = verified_problems(ckpt_dir / tag)
+        if not found:
+            if skipped:
+                log(f"resuming from the newest verified checkpoint {tag} instead")
+            return tag
+        complete = (ckpt_dir / tag / META).is_file()
+        skipped.append(f"{tag}: {'; '.join(found)}")
+        log(f"warning: checkpoint {ckpt_dir / tag} is {'damaged' if complete else 'incomplete'} "
+            f"({'; '.join(found)}); set aside as {tag}.damaged")
+        if rank == 0:
+            shutil.rmtree(ckpt_dir / f"{tag}.damaged", ignore_errors=True)
+            os.replace(ckpt_dir / tag, ckpt_dir / f"{tag}.damaged")
+        _barrier()
+    had_complete = (ckpt_dir / LATEST).is_file() or any(
+        (p / META).is_file() for p in ckpt_dir.glob("step_*.damaged")) if ckpt_dir.is_dir() else False
+    if had_complete:
+        raise CheckpointError(
+            f"{ckpt_dir} has checkpoints but none is complete and verified "
+            f"({'; '.join(skipped) or 'latest names a checkpoint that is gone'}): nothing to resume from. "
+            f"To start over anyway: checkpoint.resume=false checkpoint.start_over=move (or delete)")
+    if skipped:
+        log("no checkpoint was ever completed in this run dir (only an unfinished first save): "
+            "starting from step 0")
+    return None
 
 
 def check_compatible(meta: dict, cfg: Config, tag_dir: Path) -> None:
@@ -93,9 +180,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _already_saved(tag_dir: Path, run_id: str) -> bool:
+    """Collective: `tag_dir` is this run's own verified checkpoint (e.g. resumed right after a save)."""
+    meta, err = verify.read_meta(tag_dir)
+    return err is None and meta.get("run_id") == run_id and not verified_problems(tag_dir)
+
+
 def save(engine, ckpt_dir: Path, step: int, cfg: Config, client_state: dict, rank_state: dict,
-         ema_state: dict | None, meta_extra: dict) -> str:
-    """Collective: every rank calls it. Returns the tag; `latest` points to it when this returns."""
+         ema_state: dict | None, meta_extra: dict, run_id: str) -> str:
+    """Collective: every rank calls it. Returns the tag; `latest` points to it when this returns.
+
+    A directory of the same step that is not this run's verified checkpoint is never reused: an
+    incomplete leftover of a crashed save is removed, anything else is set aside as `<tag>.replaced`.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -105,23 +202,59 @@ def save(engine, ckpt_dir: Path, step: int, cfg: Config, client_state: dict, ran
             shutil.rmtree(tag_dir)  # leftover of a crashed save of this same step
     _barrier()
     if is_complete(tag_dir):
-        return tag  # this exact step was saved already (e.g. resumed right after a save)
+        if _already_saved(tag_dir, run_id):
+            return tag
+        if rank == 0:
+            aside = ckpt_dir / f"{tag}.replaced"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tag_dir, aside)
+        _barrier()
     state = dict(client_state)
     state["universal_checkpoint_info"] = UNIVERSAL_INFO
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
-    if rank == 0 and ema_state is not None:
-        _atomic_torch_save(ema_state, tag_dir / EMA_FILE)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
+        if rank == 0:
+            if ema_state is not None:
+                _atomic_torch_save(ema_state, tag_dir / EMA_FILE)
+            save_config(cfg, tag_dir / CONFIG_FILE)
+    except (OSError, RuntimeError) as e:
+        raise _save_error(e, tag_dir) from e
     _barrier()  # every rank's files are on disk
+    names = verify.checkpoint_files(tag_dir) if rank == 0 else None
+    if dist.is_initialized():
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    shares = _gather(verify.file_records(tag_dir, _shares(names)))
+    records = {k: v for part in shares for k, v in part.items()}
     if rank == 0:
         meta = {"tag": tag, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "zero_stage": cfg.deepspeed.zero_stage, "fingerprint": fingerprint(cfg),
-                "fingerprint_parts": fingerprint_parts(cfg), "time": time.time(), **meta_extra}
+                "fingerprint_parts": fingerprint_parts(cfg), "time": time.time(), "run_id": run_id,
+                "files": records, **meta_extra}
         _atomic_write_text(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True))
         _atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         prune(ckpt_dir, cfg.checkpoint.keep)
     _barrier()
     return tag
+
+
+def _save_error(e: Exception, tag_dir: Path) -> CheckpointError:
+    """A failed write as one line: a full disk names the path, the free space and what a save needs."""
+    text = str(e)
+    if getattr(e, "errno", None) == 28 or "No space left" in text or "unexpected pos" in text:
+        free = shutil.disk_usage(tag_dir.parent).free
+        ckpt_dir = tag_dir.parent
+        previous = [d for d in step_dirs(ckpt_dir) if d != tag_dir.name and is_complete(ckpt_dir / d)]
+        files = (read_meta(ckpt_dir / previous[-1]).get("files") or {}) if previous else {}
+        need = sum(r["size"] for r in files.values())
+        need_text = f"; the last checkpoint took {need / 1e6:.0f} MB" if need else ""
+        return CheckpointError(f"no space left on the device of {tag_dir} while saving ({free / 1e6:.0f} MB "
+                               f"free{need_text}): free space there; the previous checkpoint and 'latest' "
+                               f"are intact, so the same command resumes from it")
+    gist = text.splitlines()[0] if text else type(e).__name__
+    return CheckpointError(f"saving checkpoint {tag_dir} failed: {gist}")
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -164,14 +297,25 @@ def load(engine, ckpt_dir: Path, tag: str, load_tag: str) -> tuple[dict, dict, d
     world size each rank gets rank 0's trainer state (the loader state is global).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint {ckpt_dir / load_tag} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint '{ckpt_dir / load_tag}'")
     tag_dir = ckpt_dir / tag
     own = rank_file(tag_dir, rank)
-    rank_state = torch.load(own if own.is_file() else rank_file(tag_dir, 0), map_location="cpu",
-                            weights_only=False)
+    rank_state = _read(own if own.is_file() else rank_file(tag_dir, 0), weights_only=False)
     ema_path = tag_dir / EMA_FILE
-    ema_state = torch.load(ema_path, map_location="cpu", weights_only=True) if ema_path.is_file() else None
+    ema_state = _read(ema_path, weights_only=True) if ema_path.is_file() else None
     return client_state, rank_state, ema_state
+
+
+def _read(path: Path, weights_only: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # a file changed after verification, or a checkpoint made before it
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the checkpoint is damaged; move "
+                              f"{path.parent} aside to resume from the previous one") from e

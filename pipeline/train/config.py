@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from pipeline.data.config import DataConfig, DataError
+from pipeline.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A bad config file, key or value; the message names it and says how to fix it."""
 
 
@@ -78,7 +79,9 @@ class EmaConfig:
 class CheckpointConfig:
     every_steps: int = 1000  # 0 = only at epoch ends and on signals
     keep: int = 3
-    resume: bool = True  # resume from output_dir/checkpoints/latest when it exists
+    resume: bool = True  # resume from the newest verified checkpoint in output_dir/checkpoints
+    # with resume=false in a run dir that has checkpoints: no (refuse) | move (to superseded/) | delete
+    start_over: str = "no"
 
 
 @dataclass
@@ -120,6 +123,7 @@ _CHOICES = {
     "train.nonfinite": ("stop", "skip"),
     "metrics.progress": ("auto", "bar", "lines"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "checkpoint.start_over": ("no", "move", "delete"),
 }
 
 
@@ -234,6 +238,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' holds a {type(tree).__name__}, not a mapping of sections "
+                              "(e.g. 'train:', 'optim:'): see configs/rmt_t.yaml")
     return config_from_dict(tree, overrides)
 
 
@@ -251,6 +258,17 @@ def _check_values(cfg: Config) -> None:
                        "checkpoint.every_steps": cfg.checkpoint.every_steps}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0 (0 = off), got {value}")
+    for key, value in {"optim.lr": cfg.optim.lr, "optim.lr_base_batch": cfg.optim.lr_base_batch,
+                       "optim.eps": cfg.optim.eps}.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in {"optim.min_lr": cfg.optim.min_lr, "optim.warmup_lr": cfg.optim.warmup_lr,
+                       "optim.weight_decay": cfg.optim.weight_decay,
+                       "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                       "optim.clip_grad": cfg.optim.clip_grad, "model.drop_path": cfg.model.drop_path,
+                       "model.drop_rate": cfg.model.drop_rate}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {cfg.ema.decay}")
     if len(cfg.optim.betas) != 2:

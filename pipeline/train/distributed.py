@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import InputError
 
-class DistributedSetupError(RuntimeError):
+
+class DistributedSetupError(InputError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
 
 
@@ -74,7 +76,17 @@ def detect(env: dict | None = None) -> DistEnv:
         else:
             port = 20000 + _int_env(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
         return DistEnv(rank, world, local, addr, port, "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    return DistEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    """A single process needs no agreed port: take a free one, so two runs on one machine never clash."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def choose_device(kind: str, local_rank: int) -> torch.device:
@@ -101,6 +113,13 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
     # a dead peer must end the job, not hang it
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s),
-                               rank=dist_env.rank, world_size=dist_env.world_size)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s),
+                                   rank=dist_env.rank, world_size=dist_env.world_size)
+    except RuntimeError as e:
+        if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
+            raise DistributedSetupError(
+                f"MASTER_PORT={dist_env.master_port} on {dist_env.master_addr} is already in use (another "
+                f"run on this machine?): set MASTER_PORT to a free port") from None
+        raise

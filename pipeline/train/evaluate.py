@@ -54,24 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data.config import DataError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.config import ConfigError
-
-    try:
-        return _run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    import timm
-
-    import pipeline.models  # noqa: F401
     from pipeline.data.loader import build_val_loader
     from pipeline.train import distributed
-    from pipeline.train.export import consolidated_weights, resolve_source
+    from pipeline.train.weights import checked_weights, resolve_source
 
     source = resolve_source(args.checkpoint, args.config)
     cfg = source.config(args.overrides)
@@ -79,9 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     device = distributed.choose_device(cfg.train.device, env.local_rank)
     if env.world_size > 1:
         distributed.init(env, device, cfg.train.collective_timeout_s)
-    weights = consolidated_weights(source, args.ema, cfg)
-    model = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
-    model.load_state_dict(weights)
+    model = checked_weights(source, args.ema, cfg)
     model.to(device).eval()
     loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None

@@ -22,30 +22,39 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.errors import EXIT_FINISHED, EXIT_REQUEUE, PipelineError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import Config, ConfigError
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import MetricsWriter, max_memory_gb, mfu
 
-EXIT_FINISHED = 0
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM after saving; run the same command again
 
-
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """Training cannot go on (non-finite loss, hung or dead peer); the message names the step."""
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop acts on it at the end of the current optimizer step."""
+    """Set by SIGUSR1/SIGTERM/SIGINT; the loop acts on it at the end of the current optimizer step.
+
+    A second SIGINT (Ctrl-C twice) ends the process at once: a save in flight is left incomplete,
+    which never touches `latest` or the previous checkpoint.
+    """
 
     def __init__(self):
         self.requested = False
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            print("interrupted again: stopping now without saving (the last checkpoint is intact)",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        if signum == signal.SIGINT:
+            print("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.requested = True
 
 
@@ -118,7 +127,7 @@ class Position:
 
 class Trainer:
     def __init__(self, cfg: Config, engine, scheduler, ema, train_loader, val_loader, device: torch.device,
-                 output_dir: Path, flops_per_image: float, stop: StopFlag):
+                 output_dir: Path, flops_per_image: float, stop: StopFlag, run_id: str):
         self.cfg = cfg
         self.engine = engine
         self.scheduler = scheduler
@@ -130,6 +139,7 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.flops = flops_per_image
         self.stop = stop
+        self.run_id = run_id
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.accum = cfg.train.grad_accum
@@ -182,7 +192,7 @@ class Trainer:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
         return ckpt.save(self.engine, self.ckpt_dir, self.pos.step, self.cfg, client, rank_state,
                          ema_state if self.rank == 0 else None,
-                         {"epoch": self.pos.epoch, "micro_in_epoch": self.pos.micro_in_epoch})
+                         {"epoch": self.pos.epoch, "micro_in_epoch": self.pos.micro_in_epoch}, self.run_id)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:

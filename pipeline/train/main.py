@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def _quiet_deepspeed() -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
-    from pipeline.train.config import ConfigError, load_config, save_config
+    from pipeline.train.config import ConfigError, load_config
     from pipeline.train.engine import build_model, build_scheduler, deepspeed_config, global_batch, initialize
     from pipeline.train.loop import StopFlag, Trainer
 
@@ -74,70 +75,164 @@ def _run(args: argparse.Namespace) -> int:
 
     output_dir = Path(cfg.output_dir)
     ckpt_dir = output_dir / "checkpoints"
-    if env.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-
-    # what to resume from (decided before DeepSpeed starts: a universal load is a config switch)
-    tag = ckpt.read_latest(ckpt_dir) if cfg.checkpoint.resume else None
-    load_tag = tag
-    if tag is not None:
-        meta = ckpt.read_meta(ckpt_dir / tag)
-        ckpt.check_compatible(meta, cfg, ckpt_dir / tag)
-        if meta["world_size"] != env.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage:
-            if env.rank == 0:
-                print(f"resuming {tag} (world size {meta['world_size']}, ZeRO-{meta['zero_stage']}) at world "
-                      f"size {env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: converting to a universal "
-                      "checkpoint", flush=True)
-                ckpt.convert_to_universal(ckpt_dir, tag)
-            dist.barrier()
-            load_tag = f"{tag}_universal"
-
-    from pipeline.data.loader import build_train_loader, build_val_loader
-
-    train_loader = build_train_loader(cfg.data, env.rank, env.world_size, device)
-    val_loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
-    if train_loader.num_classes != cfg.model.num_classes:
-        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the shards in "
-                          f"{cfg.data.root} have {train_loader.num_classes} classes: set "
-                          f"model.num_classes={train_loader.num_classes}")
-
-    # python/numpy global RNGs seeded per rank (saved and restored with checkpoints); torch's is
-    # reseeded before every step by the loop. Identical initial weights on every rank:
-    random.seed(cfg.seed * 1000 + env.rank)
-    np.random.seed((cfg.seed * 1000 + env.rank) % 2**32)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
-    engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
-    steps_per_epoch = len(train_loader) // cfg.train.grad_accum
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    ema = None
-    if cfg.ema.enabled:
-        from pipeline.train.ema import ShardedEma, effective_decay
-
-        decay = effective_decay(cfg.ema.decay, global_batch(cfg, env.world_size), cfg.ema.base_batch,
-                                cfg.ema.scale_with_batch)
-        ema = ShardedEma(engine.module, decay)
-    trainer = Trainer(cfg, engine, scheduler, ema, train_loader, val_loader, device, output_dir, flops, stop)
-    if tag is not None:
-        client_state, rank_state, ema_state = ckpt.load(engine, ckpt_dir, tag, load_tag)
-        trainer.restore(client_state, rank_state, ema_state)
-        if env.rank == 0:
-            print(f"resumed from {ckpt_dir / tag} at step {trainer.pos.step}, epoch {trainer.pos.epoch}",
-                  flush=True)
-
-    from pipeline.train.metrics import MetricsWriter
-
-    writer = MetricsWriter(output_dir, env.rank, cfg.metrics.tensorboard, cfg.metrics.progress,
-                           trainer.total_steps, trainer.pos.step)
+    lock = _take_run_dir(output_dir, env.rank)
     try:
-        code = trainer.run(writer)
+        log = (lambda msg: print(msg, flush=True)) if env.rank == 0 else (lambda msg: None)
+        if cfg.checkpoint.resume:
+            tag = ckpt.choose_resume(ckpt_dir, log)
+        else:
+            _start_over(cfg, output_dir, env.rank)
+            tag = None
+        load_tag = tag
+        run_id = _new_run_id()
+        if tag is not None:
+            meta = ckpt.read_meta(ckpt_dir / tag)
+            ckpt.check_compatible(meta, cfg, ckpt_dir / tag)
+            run_id = meta.get("run_id") or run_id
+        if env.rank == 0:  # the start is accepted: only now does the run dir get this start's config
+            _record_config(cfg, output_dir, tag)
+        # what to resume from is decided before DeepSpeed starts: a universal load is a config switch
+        if tag is not None:
+            if meta["world_size"] != env.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage:
+                if env.rank == 0:
+                    print(f"resuming {tag} (world size {meta['world_size']}, ZeRO-{meta['zero_stage']}) at "
+                          f"world size {env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: converting to a "
+                          "universal checkpoint", flush=True)
+                    ckpt.convert_to_universal(ckpt_dir, tag)
+                dist.barrier()
+                load_tag = f"{tag}_universal"
+
+        from pipeline.data.loader import build_train_loader, build_val_loader
+
+        train_loader = build_train_loader(cfg.data, env.rank, env.world_size, device)
+        val_loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
+        if train_loader.num_classes != cfg.model.num_classes:
+            raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the shards in "
+                              f"{cfg.data.root} have {train_loader.num_classes} classes: set "
+                              f"model.num_classes={train_loader.num_classes}")
+
+        # python/numpy global RNGs seeded per rank (saved and restored with checkpoints); torch's is
+        # reseeded before every step by the loop. Identical initial weights on every rank:
+        random.seed(cfg.seed * 1000 + env.rank)
+        np.random.seed((cfg.seed * 1000 + env.rank) % 2**32)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(device)
+        flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
+        engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
+        steps_per_epoch = len(train_loader) // cfg.train.grad_accum
+        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+        ema = None
+        if cfg.ema.enabled:
+            from pipeline.train.ema import ShardedEma, effective_decay
+
+            decay = effective_decay(cfg.ema.decay, global_batch(cfg, env.world_size), cfg.ema.base_batch,
+                                    cfg.ema.scale_with_batch)
+            ema = ShardedEma(engine.module, decay)
+        trainer = Trainer(cfg, engine, scheduler, ema, train_loader, val_loader, device, output_dir, flops,
+                          stop, run_id)
+        if tag is not None:
+            client_state, rank_state, ema_state = ckpt.load(engine, ckpt_dir, tag, load_tag)
+            trainer.restore(client_state, rank_state, ema_state)
+            if env.rank == 0:
+                print(f"resumed from {ckpt_dir / tag} at step {trainer.pos.step}, epoch {trainer.pos.epoch}",
+                      flush=True)
+
+        from pipeline.train.metrics import MetricsWriter
+
+        writer = MetricsWriter(output_dir, env.rank, cfg.metrics.tensorboard, cfg.metrics.progress,
+                               trainer.total_steps, trainer.pos.step)
+        try:
+            code = trainer.run(writer)
+        finally:
+            writer.close()
+        dist.barrier()
     finally:
-        writer.close()
-    dist.barrier()
+        if lock is not None:
+            lock.release()
     dist.destroy_process_group()
     return code
+
+
+def _agree(error: str | None) -> None:
+    """Collective: every rank raises rank 0's error (a CheckpointError) so no rank waits for the others."""
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        from pipeline.train.checkpoint import CheckpointError
+
+        raise CheckpointError(box[0])
+
+
+def _take_run_dir(output_dir: Path, rank: int):
+    """Collective: rank 0 makes output_dir and takes its run lock; returns the lock (rank 0) or None."""
+    from pipeline.errors import PipelineError
+    from pipeline.train.run_lock import RunLock, describe
+
+    lock, error = None, None
+    if rank == 0:
+        try:
+            if output_dir.exists() and not output_dir.is_dir():
+                raise PipelineError(f"output_dir {output_dir} is a file, not a directory: set output_dir "
+                                    "to a new or existing run directory")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(output_dir)
+            lock.acquire()
+            if lock.took_over:
+                print(f"took over the run lock of {describe(lock.took_over)} ({lock.took_over['reason']})",
+                      flush=True)
+        except (PipelineError, OSError) as e:
+            error = str(e) if isinstance(e, PipelineError) else f"cannot use output_dir {output_dir}: {e}"
+    _agree(error)
+    return lock
+
+
+def _start_over(cfg, output_dir: Path, rank: int) -> None:
+    """checkpoint.resume=false: refuse a run dir with checkpoints unless checkpoint.start_over says what
+    to do with them (move: into output_dir/superseded/<time>/, with the metrics; delete)."""
+    import shutil
+    import time
+
+    from pipeline.train import checkpoint as ckpt
+
+    ckpt_dir, error = output_dir / "checkpoints", None
+    if rank == 0 and ckpt.has_checkpoints(ckpt_dir):
+        if cfg.checkpoint.start_over == "no":
+            error = (f"checkpoint.resume=false but {ckpt_dir} has checkpoints of an earlier run: resume "
+                     f"(drop checkpoint.resume=false), use a new output_dir, or set "
+                     f"checkpoint.start_over=move (kept under {output_dir / 'superseded'}) or =delete")
+        elif cfg.checkpoint.start_over == "move":
+            aside = output_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True)
+            for name in ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", "config_history"):
+                if (output_dir / name).exists():
+                    os.replace(output_dir / name, aside / name)
+            print(f"started over: the earlier run is kept in {aside}", flush=True)
+        else:
+            shutil.rmtree(ckpt_dir)
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            print(f"started over: deleted the earlier run's checkpoints in {ckpt_dir}", flush=True)
+    _agree(error)
+
+
+def _new_run_id() -> str:
+    """The same on every rank (rank 0's), recorded in every checkpoint of the run."""
+    import uuid
+
+    box = [uuid.uuid4().hex[:12]]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _record_config(cfg, output_dir: Path, resumed_tag: str | None) -> None:
+    """config.yaml is this start's config; config_history/ keeps every start's (eval/export of a
+    checkpoint read the copy inside the checkpoint, so they always see the config its weights had)."""
+    from pipeline.train.config import save_config
+
+    save_config(cfg, output_dir / "config.yaml")
+    history = output_dir / "config_history"
+    history.mkdir(exist_ok=True)
+    n = len(list(history.glob("*.yaml")))
+    save_config(cfg, history / f"{n:03d}-{resumed_tag or 'fresh'}.yaml")
 
 
 def _forward_flops(model, img_size: int) -> float:
