@@ -10,12 +10,18 @@ raster index. Early stages use the decomposed form: attention along W with a 1-D
 Both forms run through `decayed_attention` (explicit matmul + softmax on CPU, SDPA with an additive
 mask on GPUs); masks and rotary tables are built once per (H, W, device, dtype) and cached (see
 `RetentionPositions`).
+
+Token labeling (RMT-S*/B*/L*, `rmt_{s,b,l}_tl`; official `classification_token_label_release/RMT.py`):
+the same network plus `aux_head`, a Linear classifier on every final-stage token, and MixToken in
+training (see `RMT.forward_train`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +32,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["RMT"]
+__all__ = ["RMT", "TokenLabelOutput"]
 
 
 class InputShapeError(ValueError):
@@ -298,6 +304,10 @@ class RMT(nn.Module):
 
     The head is per-token Linear projection -> BatchNorm -> SiLU (the official "swish") -> global
     average pool -> Linear classifier. `attn_backend` picks how MaSA is computed (`decayed_attention`).
+
+    `token_label=True` adds `aux_head` (RMT-S*/B*/L*): the output in eval mode is then
+    `head logits + 0.5 * max over tokens of aux logits`, and in training mode a `TokenLabelOutput`
+    (with MixToken unless `mix_token=False`), as the official token-labeling model returns them.
     """
 
     def __init__(
@@ -318,6 +328,9 @@ class RMT(nn.Module):
         drop_path_rate: float = 0.1,
         global_pool: str = "avg",
         attn_backend: str = "auto",
+        token_label: bool = False,
+        mix_token: bool | None = None,
+        mix_token_beta: float = 1.0,
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -352,7 +365,17 @@ class RMT(nn.Module):
         self.norm = nn.BatchNorm2d(projection)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
+        self.token_label = token_label
+        self.mix_token = token_label if mix_token is None else mix_token
+        self.mix_token_beta = mix_token_beta
+        self.aux_head = self._make_aux_head()
         self.apply(self._init_weights)
+
+    def _make_aux_head(self) -> nn.Linear | None:
+        """Token-labeling classifier on every final-stage token (official name `aux_head`)."""
+        if not self.token_label or self.num_classes <= 0:
+            return None
+        return nn.Linear(self.num_features, self.num_classes)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -405,6 +428,7 @@ class RMT(nn.Module):
             self.proj, self.norm = nn.Identity(), nn.Identity()
             self.head_hidden_size = self.num_features
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = self._make_aux_head()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -461,16 +485,83 @@ class RMT(nn.Module):
             x = stage(x)
         return x.permute(0, 3, 1, 2)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = F.silu(self.norm(x))
+    def _class_logits(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The plain head on NCHW features: (B, classes), or per position (B, classes, H, W) when
+        `global_pool=""` (the classifier acts on channels, as timm's un-pooled conv-classifier heads)."""
+        x = F.silu(self.norm(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)))
         if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
+            x = self.head_drop(x.mean(dim=(2, 3)))
+            return x if pre_logits else self.head(x)
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """NCHW features -> logits; with the token-labeling head (and pooling) plus 0.5 x the maximum
+        over tokens of the aux logits, the official starred models' inference output."""
+        logits = self._class_logits(x, pre_logits)
+        if pre_logits or self.aux_head is None or self.global_pool != "avg":
+            return logits
+        return logits + 0.5 * self.aux_head(x.flatten(2).transpose(1, 2)).amax(dim=1)
+
+    def forward_train(self, x: torch.Tensor) -> TokenLabelOutput:
+        """Token-labeling training forward (needs `token_label=True`).
+
+        MixToken (when `self.mix_token`): a box drawn as `mix_token_box` on the final-stage grid
+        (scaled by 8 onto the stem's stride-4 tokens) takes its stem tokens from the batch-flipped
+        samples; the aux logits inside the box are swapped back, so each sample's token logits line
+        up with its own label map, while the class target must be mixed by
+        `lam = 1 - box area / tokens` (the loss does it). Randomness comes from torch's global RNG.
+        """
+        if self.aux_head is None:
+            raise ValueError("forward_train needs a token-labeling model (token_label=True, num_classes > 0)")
+        self._check_input(x)
+        x = self.patch_embed(x)
+        scale = 2 ** (len(self.layers) - 1)  # stem tokens per final-stage token, per side
+        box = (0, 0, 0, 0)
+        if self.mix_token and self.training:
+            box = mix_token_box(x.shape[1] // scale, x.shape[2] // scale, self.mix_token_beta)
+            x = swap_box(x, box, scale)
+        for stage in self.layers:
+            x = stage(x)
+        logits = self._class_logits(x.permute(0, 3, 1, 2))
+        aux = swap_box(self.aux_head(x), box, 1)
+        return TokenLabelOutput(logits, aux.flatten(1, 2), box)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | TokenLabelOutput:
+        if self.training and self.aux_head is not None:
+            return self.forward_train(x)
         return self.forward_head(self.forward_features(x))
+
+
+class TokenLabelOutput(NamedTuple):
+    """Training output of a token-labeling model, what `TokenLabelCrossEntropy` takes."""
+
+    logits: torch.Tensor  # (B, classes), from the plain head
+    aux_logits: torch.Tensor  # (B, h * w, classes): every final-stage token, raster order, un-mixed
+    box: tuple[int, int, int, int]  # MixToken box (row0, col0, row1, col1), final-stage grid units
+
+
+def mix_token_box(grid_h: int, grid_w: int, beta: float = 1.0) -> tuple[int, int, int, int]:
+    """The official MixToken box on a (grid_h, grid_w) token grid: lam ~ Beta(beta, beta), a box of
+    int(side * sqrt(1 - lam)) per side around a uniform centre, half-sides floored, clipped to the grid.
+    Drawn from torch's global RNG (the trainer reseeds it per micro-step, so resume is exact)."""
+    lam = torch.distributions.Beta(torch.tensor(float(beta)), torch.tensor(float(beta))).sample().item()
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = int(grid_h * cut) // 2, int(grid_w * cut) // 2
+    cy, cx = int(torch.randint(grid_h, ())), int(torch.randint(grid_w, ()))
+    return (min(max(cy - half_h, 0), grid_h), min(max(cx - half_w, 0), grid_w),
+            min(cy + half_h, grid_h), min(cx + half_w, grid_w))
+
+
+def swap_box(x: torch.Tensor, box: tuple[int, int, int, int], scale: int) -> torch.Tensor:
+    """(B, H, W, C) with the region `box * scale` taken from the batch-flipped tensor (sample b gets
+    sample B-1-b's tokens there). Its own inverse: MixToken uses it to mix and to un-mix."""
+    r0, c0, r1, c1 = (v * scale for v in box)
+    if r0 >= r1 or c0 >= c1:
+        return x
+    out = x.clone()
+    out[:, r0:r1, c0:c1] = x.flip(0)[:, r0:r1, c0:c1]
+    return out
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -502,9 +593,15 @@ default_cfgs = generate_default_cfgs({
     "rmt_s.in1k": _cfg(),
     "rmt_b.in1k": _cfg(),
     "rmt_l.in1k": _cfg(),
+    # token labeling (RMT-S*/B*/L*): the official starred evaluation uses crop_pct 0.96
+    "rmt_s_tl.in1k": _cfg(crop_pct=0.96),
+    "rmt_b_tl.in1k": _cfg(crop_pct=0.96),
+    "rmt_l_tl.in1k": _cfg(crop_pct=0.96),
 })
 
-# Architectures of the official factories: RMT_T3, RMT_S, RMT_M2 (= RMT-B), RMT_L6 (= RMT-L).
+# Architectures of the official factories: RMT_T3, RMT_S, RMT_M2 (= RMT-B), RMT_L6 (= RMT-L). The drop
+# path rates are the official per-variant defaults (hard-coded in those factories, the token-labeling
+# ones included): `timm.create_model(name)` without `drop_path_rate` uses them (`default_drop_path`).
 MODEL_ARGS: dict[str, dict] = {
     "rmt_t": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16),
                   heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3), decomposed=(True, True, False, False),
@@ -519,6 +616,17 @@ MODEL_ARGS: dict[str, dict] = {
                   heads_ranges=(6, 6, 6, 6), mlp_ratios=(4, 4, 3, 3), decomposed=(True, True, True, False),
                   layer_scale=(False, False, True, True), drop_path_rate=0.5),
 }
+# The token-labeling models (official `classification_token_label_release/RMT.py`, `token_label=True`):
+# separate names because their weights and eval crop differ, as timm names its variants.
+MODEL_ARGS.update({f"{name}_tl": {**MODEL_ARGS[name], "token_label": True}
+                   for name in ("rmt_s", "rmt_b", "rmt_l")})
+
+
+def default_drop_path(name: str) -> float:
+    """The official drop path rate of a registered RMT variant (0.1 / 0.15 / 0.4 / 0.5 for T/S/B/L)."""
+    if name not in MODEL_ARGS:
+        raise ValueError(f"unknown RMT model {name!r}: choose one of {sorted(MODEL_ARGS)}")
+    return MODEL_ARGS[name]["drop_path_rate"]
 
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
@@ -549,3 +657,21 @@ def rmt_b(pretrained: bool = False, **kwargs) -> RMT:
 @register_model
 def rmt_l(pretrained: bool = False, **kwargs) -> RMT:
     return _create_rmt("rmt_l", pretrained, **kwargs)
+
+
+@register_model
+def rmt_s_tl(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-S* (token labeling)."""
+    return _create_rmt("rmt_s_tl", pretrained, **kwargs)
+
+
+@register_model
+def rmt_b_tl(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-B* (token labeling)."""
+    return _create_rmt("rmt_b_tl", pretrained, **kwargs)
+
+
+@register_model
+def rmt_l_tl(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-L* (token labeling)."""
+    return _create_rmt("rmt_l_tl", pretrained, **kwargs)
