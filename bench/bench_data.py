@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import fake, shards  # noqa: E402
-from pipeline.data.config import DataConfig  # noqa: E402
-from pipeline.data.loader import TrainLoader, ValLoader, _stream  # noqa: E402
+from pipeline.data.convert import fake, shards  # noqa: E402
+from pipeline.data.load.config import DataConfig  # noqa: E402
+from pipeline.data.load.loader import TrainLoader, ValLoader, _stream  # noqa: E402
 
 SECTION = "## Data loading"
 RECIPE = "rand-m9-mstd0.5-inc1"
@@ -84,12 +84,13 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
         def make():
             loader.samples_seen = 0
             plan = loader.plan()
-            return _stream(loader.source, plan, plan.num_batches, cfg, cpu)
+            return _stream(loader.format_batches, plan, plan.num_batches, cfg, cpu)
     else:
         loader = ValLoader(cfg, 0, 1, cpu)
 
         def make():
-            return _stream(loader.source, loader.plan, len(loader.plan), cfg, cpu)
+            return _stream(loader.format_batches, loader.batch_indices, len(loader.batch_indices), cfg,
+                           cpu)
 
     return make, lambda item: len(item[2])
 

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data import fake, shards, sources
+from pipeline.data.convert import fake, shards
+from pipeline.data.convert import imagenet as sources
 
 SECTION = "## Shards"
 
@@ -46,11 +47,11 @@ def main() -> None:
 
         def read():
             for e in entries:
-                sources.read_entry(e)
+                sources.read_input(e)
 
         def decode(full: bool):
             for e in entries:
-                shards._decode(sources.read_entry(e), full)
+                shards._decode(sources.read_input(e), full)
 
         rows = [("read input files only", 1, _time(read)),
                 ("read + full decode (PIL verify + load)", 1, _time(lambda: decode(True))),

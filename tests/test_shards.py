@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data import fake, shard_verify, shards
-from pipeline.data.sources import DataError
+from pipeline.data.convert import fake, shards
+from pipeline.data.convert import verify as shard_verify
+from pipeline.data.errors import DataError
 
 CLASSES = 4
 SMALL = 6000  # shard bytes: several shards from a few dozen tiny images

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data.config import DataError
+    from pipeline.data.errors import DataError
     from pipeline.train.checkpoint import CheckpointError
     from pipeline.train.config import ConfigError
 
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     import timm
 
     import pipeline.models  # noqa: F401
-    from pipeline.data.loader import build_val_loader
+    from pipeline.data.load.loader import build_val_loader
     from pipeline.train import distributed
     from pipeline.train.export import consolidated_weights, resolve_source
 

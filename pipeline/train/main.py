@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data.config import DataError
+    from pipeline.data.errors import DataError
     from pipeline.train.checkpoint import CheckpointError
     from pipeline.train.config import ConfigError
     from pipeline.train.distributed import DistributedSetupError
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             dist.barrier()
             load_tag = f"{tag}_universal"
 
-    from pipeline.data.loader import build_train_loader, build_val_loader
+    from pipeline.data.load.loader import build_train_loader, build_val_loader
 
     train_loader = build_train_loader(cfg.data, env.rank, env.world_size, device)
     val_loader = build_val_loader(cfg.data, env.rank, env.world_size, device)

@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.shard_ffcv import FFCV_DEFAULTS, WRITE_MODES
-from pipeline.data.sources import DataError, Entry, Source, detect, read_entry
+from pipeline.data import manifest
+from pipeline.data.convert.beton import FFCV_DEFAULTS, WRITE_MODES
+from pipeline.data.convert.imagenet import ImageNetInput, InputFile, detect, read_input
+from pipeline.data.errors import DataError
 
 FORMATS = ("wds", "ffcv")
 SPLITS = ("train", "val")
@@ -115,7 +117,7 @@ _FIELDS: dict = {}  # per worker process: FFCV settings -> RGBImageField
 
 
 def _ffcv_payload(im: Image.Image, key: str, opts: dict):
-    from pipeline.data import shard_ffcv
+    from pipeline.data.convert import beton as shard_ffcv
 
     settings = tuple(sorted(opts["ffcv"].items()))
     field = _FIELDS.get(settings)
@@ -134,13 +136,13 @@ def _init_worker() -> None:
         pass
 
 
-def process_chunk(entries: list[Entry], want_wds: bool, want_ffcv: bool, opts: dict) -> list[tuple]:
+def process_chunk(entries: list[InputFile], want_wds: bool, want_ffcv: bool, opts: dict) -> list[tuple]:
     """Per entry: ("ok", ext, wds bytes, ffcv tuple, note) or ("rejected", reason)."""
     out = []
     full = want_ffcv or opts["max_side"] is not None or opts["quality"] is not None
     for e in entries:
         try:
-            data = read_entry(e)
+            data = read_input(e)
         except OSError as err:
             out.append(("rejected", f"unreadable: {err.strerror or err}"))
             continue
@@ -159,11 +161,11 @@ def process_chunk(entries: list[Entry], want_wds: bool, want_ffcv: bool, opts: d
 @dataclass
 class Shard:
     name: str
-    entries: list[Entry]
+    entries: list[InputFile]
     plan: str  # hash of what determines the shard's bytes
 
 
-def plan_split(split: str, entries: list[Entry], opts: dict) -> tuple[list[Entry], list[Shard], str]:
+def plan_split(split: str, entries: list[InputFile], opts: dict) -> tuple[list[InputFile], list[Shard], str]:
     """(entries in the seeded global permutation, WebDataset shards, plan hash of the .beton)."""
     ordered = sorted(entries, key=lambda e: e.key)
     for a, b in zip(ordered, ordered[1:], strict=False):
@@ -190,7 +192,7 @@ def plan_split(split: str, entries: list[Entry], opts: dict) -> tuple[list[Entry
     return order, out, _plan_hash(order, ffcv_opts)
 
 
-def _plan_hash(entries: list[Entry], opts: dict) -> str:
+def _plan_hash(entries: list[InputFile], opts: dict) -> str:
     h = hashlib.sha256(json.dumps(opts, sort_keys=True).encode())
     for e in entries:
         h.update(f"{e.key}\t{e.label}\t{e.size}\t{e.path}\n".encode())
@@ -302,7 +304,7 @@ def _finished(out: Path, rel: str, plan: str) -> dict | None:
 @dataclass
 class SplitJob:
     split: str
-    order: list[Entry]
+    order: list[InputFile]
     shards: list[Shard]
     ffcv_plan: str
     records: dict[str, dict]  # finished file name -> record
@@ -348,19 +350,19 @@ def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side,
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise DataError(f"--workers {workers}: give at least 1 (default: all cores)")
-    source = detect(src, classes)
+    inputs = detect(src, classes)
     lock = _prepare_out(out, formats)
     try:
-        return _write_locked(source, out, formats, workers, opts, allow_bad, progress, log)
+        return _write_locked(inputs, out, formats, workers, opts, allow_bad, progress, log)
     finally:
         lock.close()
 
 
-def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, allow_bad: int, progress,
-                  log) -> dict:
+def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts: dict, allow_bad: int,
+                  progress, log) -> dict:
     jobs = []
     for split in SPLITS:
-        order, shards, ffcv_plan = plan_split(split, source.splits[split], opts)
+        order, shards, ffcv_plan = plan_split(split, inputs.splits[split], opts)
         records = {}
         if "wds" in formats:
             for s in shards:
@@ -376,12 +378,12 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
         len(s.entries) for j in jobs for s in j.shards if j.need_ffcv or s.name in j.todo_wds
     )
     skipped = sum(len(j.records) for j in jobs)
-    log(f"shards: {source.layout} layout at {source.path}: {len(source.classes)} classes, "
+    log(f"shards: {inputs.layout} layout at {inputs.path}: {len(inputs.classes)} classes, "
         + ", ".join(f"{len(j.order)} {j.split} files" for j in jobs)
         + f"; {skipped} output files already complete, {todo_samples} images to process"
         + f" with {workers} workers")
     if todo_samples:  # OUT is about to change: no manifest until it is complete again
-        (out / "manifest.json").unlink(missing_ok=True)
+        manifest.path(out).unlink(missing_ok=True)
     if "ffcv" in formats and todo_samples:
         import ffcv.fields  # noqa: F401 (seconds to import: once here, inherited by the forked workers)
     start = time.monotonic()
@@ -394,16 +396,16 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
     try:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
             for job in jobs:
-                _run_split(job, out, opts, pool, workers, bar, source.path)
+                _run_split(job, out, opts, pool, workers, bar, inputs.path)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.monotonic() - start
 
-    manifest = _manifest(source, jobs, formats, opts, allow_bad)
+    contents = _manifest(inputs, jobs, formats, opts, allow_bad)
     _remove_stale(out, jobs, formats)
-    rejected = [r for j in jobs for r in manifest["splits"][j.split]["rejected"]]
-    _summary(manifest, todo_samples, elapsed, log)
+    rejected = [r for j in jobs for r in contents["splits"][j.split]["rejected"]]
+    _summary(contents, todo_samples, elapsed, log)
     if len(rejected) > allow_bad:
         write_json(out / "rejected.json", rejected)
         raise DataError(
@@ -412,8 +414,8 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
             f"--allow-bad {len(rejected)} (finished files are kept)"
         )
     (out / "rejected.json").unlink(missing_ok=True)
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    write_json(manifest.path(out), contents)
+    return contents
 
 
 def _check_ffcv(settings: dict) -> None:
@@ -455,7 +457,7 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
     """Process the samples this split still needs, in plan order, and write its unfinished files."""
     beton = None
     if job.need_ffcv:
-        from pipeline.data import shard_ffcv
+        from pipeline.data.convert import beton as shard_ffcv
 
         beton = shard_ffcv.BetonWriter(str(out / "ffcv" / f"{job.split}.beton.tmp"), opts["ffcv"],
                                        capacity=len(job.order))
@@ -533,7 +535,7 @@ def _record(out: Path, name: str, plan: str, num_samples: int, size: int, sha256
     return record
 
 
-def _manifest(source: Source, jobs: list[SplitJob], formats, opts: dict, allow_bad: int) -> dict:
+def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, allow_bad: int) -> dict:
     splits = {}
     for job in jobs:
         entry: dict = {"files_found": len(job.order)}
@@ -563,10 +565,9 @@ def _manifest(source: Source, jobs: list[SplitJob], formats, opts: dict, allow_b
                 raise RuntimeError(f"{job.split}: {fmt} holds {got} samples, expected {entry['num_samples']}")
         splits[job.split] = entry
     options = {"formats": list(formats), "seed": opts["seed"], "shard_bytes": opts["shard_bytes"],
-               "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(source.classes),
+               "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(inputs.classes),
                "allow_bad": allow_bad, **{f"ffcv_{k}": v for k, v in opts["ffcv"].items()}}
-    return {"format_version": 1, "classes": source.classes, "options": options, "source": source.describe(),
-            "splits": splits}
+    return manifest.build(inputs.classes, options, inputs.describe(), splits)
 
 
 def _remove_stale(out: Path, jobs: list[SplitJob], formats) -> None:
@@ -582,10 +583,10 @@ def _remove_stale(out: Path, jobs: list[SplitJob], formats) -> None:
             p.unlink()
 
 
-def _summary(manifest: dict, processed: int, elapsed: float, log) -> None:
+def _summary(contents: dict, processed: int, elapsed: float, log) -> None:
     rate = processed / elapsed if elapsed > 0 else 0.0
     log(f"shards: processed {processed} images in {elapsed:.1f} s ({rate:.0f} images/s)")
-    for split, s in manifest["splits"].items():
+    for split, s in contents["splits"].items():
         parts = [f"{s['num_samples']} written", f"{len(s['rejected'])} rejected", f"{s['files_found']} found"]
         if "wds" in s:
             parts.append(f"wds {len(s['wds']['shards'])} shards {s['wds']['bytes'] / 1e6:.1f} MB")
@@ -645,5 +646,5 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"shards: wrote {Path(args.out) / 'manifest.json'}")
+    print(f"shards: wrote {manifest.path(args.out)}")
     return 0
