@@ -1,6 +1,6 @@
-"""The shard formats: each name maps to the module that writes it and the module that loads it.
+"""The shard formats: each name maps to the module that loads it (the writer still branches on the name).
 
-A new format is one writer module, one loader module and one line in `FORMATS`. A loader module
+A new loader format is one loader module and one line in `FORMATS`. A loader module
 provides `train_batches(cfg, section, augment) -> (blocks, batches)` and `val_batches(cfg, section)`
 (`section`: the format's part of the split's manifest section; `blocks`: the sample-index blocks the
 epoch shuffle keeps together, or None); see `pipeline.data.load.loader`.
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Format:
-    writer: str  # module under pipeline.data.convert
     loader: str  # module under pipeline.data.load
 
     def load_module(self):
@@ -22,6 +21,6 @@ class Format:
 
 
 FORMATS = {
-    "wds": Format(writer="pipeline.data.convert.tar", loader="pipeline.data.load.wds"),
-    "ffcv": Format(writer="pipeline.data.convert.beton", loader="pipeline.data.load.ffcv"),
+    "wds": Format(loader="pipeline.data.load.wds"),
+    "ffcv": Format(loader="pipeline.data.load.ffcv"),
 }
