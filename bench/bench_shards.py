@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data.convert import fake, shards
+from pipeline.data.convert import encode, fake, shards
 from pipeline.data.convert import imagenet as sources
 
 SECTION = "## Shards"
@@ -51,7 +51,7 @@ def main() -> None:
 
         def decode(full: bool):
             for e in entries:
-                shards._decode(sources.read_input(e), full)
+                encode.decode(sources.read_input(e), full)
 
         rows = [("read input files only", 1, _time(read)),
                 ("read + full decode (PIL verify + load)", 1, _time(lambda: decode(True))),

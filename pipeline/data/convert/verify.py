@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data import manifest
-from pipeline.data.convert.shards import default_workers, sha256_file
+from pipeline.data.convert.outputs import sha256_file
+from pipeline.data.convert.shards import default_workers
 from pipeline.data.errors import DataError
 
 IMAGE_EXTS = ("jpg", "png")
