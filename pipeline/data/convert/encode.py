@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -96,21 +97,40 @@ def init_worker() -> None:
         pass
 
 
-def process_chunk(entries: list[InputFile], want_wds: bool, want_ffcv: bool, opts: dict) -> list[tuple]:
-    """Per entry: ("ok", ext, wds bytes, ffcv tuple, note) or ("rejected", reason)."""
-    out = []
+@dataclass(frozen=True)
+class Encoded:
+    """An input file ready to write: its WebDataset member (`ext`, `wds`; None if not wanted), its FFCV
+    image (None if not wanted) and a note on any change made to it."""
+
+    ext: str | None
+    wds: bytes | None
+    ffcv: tuple | None
+    note: str | None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An input file that cannot be used, and why (listed in the manifest, never dropped silently)."""
+
+    reason: str
+
+
+def process_chunk(entries: list[InputFile], want_wds: bool, want_ffcv: bool,
+                  opts: dict) -> list[Encoded | Rejected]:
+    """An `Encoded` or a `Rejected` per entry."""
+    out: list[Encoded | Rejected] = []
     full = want_ffcv or opts["max_side"] is not None or opts["quality"] is not None
     for e in entries:
         try:
             data = read_input(e)
         except OSError as err:
-            out.append(("rejected", f"unreadable: {err.strerror or err}"))
+            out.append(Rejected(f"unreadable: {err.strerror or err}"))
             continue
         im, reason = decode(data, full)
         if im is None:
-            out.append(("rejected", reason))
+            out.append(Rejected(reason))
             continue
         ext, wds_bytes, note = _wds_payload(data, im, opts) if want_wds else (None, None, None)
         ffcv = _ffcv_payload(im, e.key, opts) if want_ffcv else None
-        out.append(("ok", ext, wds_bytes, ffcv, note))
+        out.append(Encoded(ext, wds_bytes, ffcv, note))
     return out

@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline.data import manifest
 from pipeline.data.convert.beton import FFCV_DEFAULTS, WRITE_MODES
-from pipeline.data.convert.encode import REENCODE_QUALITY, init_worker, process_chunk
+from pipeline.data.convert.encode import REENCODE_QUALITY, Rejected, init_worker, process_chunk
 from pipeline.data.convert.imagenet import ImageNetInput, InputFile, detect
 from pipeline.data.convert.outputs import finished, fsync_dir, sha256_file, write_json
 from pipeline.data.convert.tar import TarWriter
@@ -269,19 +269,18 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
             if want_wds and tar is None:
                 tar, rejected, converted = TarWriter(out / "wds" / shard.name), [], []
             for e, r in zip(shard.entries[lo:hi], results, strict=True):
-                if r[0] == "rejected":
-                    item = {"path": _display(e.path, src), "reason": r[1]}
+                if isinstance(r, Rejected):
+                    item = {"path": _display(e.path, src), "reason": r.reason}
                     ffcv_rejected.append(item)
                     if want_wds:
                         rejected.append(item)
                     continue
-                _, ext, data, ffcv, note = r
                 if want_wds:
-                    tar.add(e.key, ext, data, e.label)
-                    if note:
-                        converted.append({"path": _display(e.path, src), "reason": note})
+                    tar.add(e.key, r.ext, r.wds, e.label)
+                    if r.note:
+                        converted.append({"path": _display(e.path, src), "reason": r.note})
                 if beton is not None:
-                    beton.add(ffcv, e.label)
+                    beton.add(r.ffcv, e.label)
             if bar is not None:
                 bar.update(hi - lo)
             if want_wds and hi == len(shard.entries):

@@ -251,13 +251,17 @@ class ShardSet:
         return f"shard {self.names[self.locate(index)[0]]}, key {self.key(index)!r}"
 
 
-class WdsTrainBatches:
-    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
+class _ShardBatches:
+    """A batch maker over the shards of one split (`augment`: the split's CPU stage)."""
 
     def __init__(self, shards: ShardSet, augment, skip_bad: bool):
         self.shards = shards
         self.augment = augment
         self.skip_bad = skip_bad
+
+
+class WdsTrainBatches(_ShardBatches):
+    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
@@ -282,13 +286,8 @@ class WdsTrainBatches:
         return fill_bad(out, labels, ok)
 
 
-class WdsValBatches:
+class WdsValBatches(_ShardBatches):
     """Produces this rank's val batches: contiguous sample indices, last batch may be short."""
-
-    def __init__(self, shards: ShardSet, augment, skip_bad: bool):
-        self.shards = shards
-        self.augment = augment
-        self.skip_bad = skip_bad
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
@@ -335,7 +334,6 @@ def drop_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
     if n_bad:
         return images[ok], labels[ok], n_bad
     return images, labels, 0
-
 
 
 def train_batches(cfg, section: dict, augment):
