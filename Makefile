@@ -52,7 +52,7 @@ slurm-down:  ## stop the daemons slurm-up started (and cancel the cluster's jobs
 slurm-test: setup  ## the SLURM tests (they start and stop the cluster themselves when it is not up)
 	$(PY) -m pytest -m slurm $(PYTEST_ARGS)
 
-# ---- data: fake ImageNet, shards (pipeline/data/{fake,shards,shard_verify}.py) ----
+# ---- data: fake ImageNet, shards (pipeline/data/convert/{fake,shards,verify}.py) ----
 SRC ?=
 OUT ?= shards/imagenet1k
 FORMATS ?= wds ffcv
@@ -76,7 +76,7 @@ verify-shards: setup  ## re-read OUT: checksums, counts, keys, labels, every ima
 bench-shards: setup  ## images/s and MB/s of make shards on fake ImageNet; writes BENCHMARKS.md "## Shards"
 	$(PY) bench/bench_shards.py
 
-# ---- data loaders (pipeline/data/{loader,wds_loader,ffcv_loader,augment,sampler}.py) ----
+# ---- data loaders (pipeline/data/load/{loader,wds,ffcv,augment,sampler}.py) ----
 .PHONY: bench-data
 bench-data: setup  ## images/s per core of the train/val pipelines: baseline vs WebDataset vs FFCV; writes BENCHMARKS.md "## Data loading"
 	$(PY) bench/bench_data.py

@@ -3,18 +3,20 @@
 Baseline (the official RMT code's loader): torchvision ImageFolder over the extracted JPEGs +
 timm `create_transform` (RandomResizedCrop 224 bicubic, flip, rand-m9-mstd0.5-inc1, normalise,
 RandomErasing 0.25 pixel) + torch DataLoader, up to the float batch it yields.
-Ours: `build_train_loader` sources (WebDataset, FFCV) up to the uint8 batch the workers hand over
+Ours: `build_train_loader` batch makers (WebDataset, FFCV) up to the uint8 batch the workers hand over
 (the device stage -- normalise, erasing, Mixup -- runs on the GPU in training; its CPU cost here is
 reported separately). Same images, same machine, one run, 1 and 2 loader workers.
 
 "Per core" = images / CPU seconds used by the main process and its loader workers (user + system,
 from getrusage), so other load on the machine does not inflate it; wall-clock images/s is shown too.
-Usage: python bench/bench_data.py [--train-per-class 64] [--repeat 2] [--out BENCHMARKS.md]
+Usage: python bench/bench_data.py [--train-per-class 64] [--repeat 2] [--markdown BENCHMARKS.md]
+       [--json PATH]  (`make bench` reads the JSON)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -28,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import fake, shards  # noqa: E402
-from pipeline.data.config import DataConfig  # noqa: E402
-from pipeline.data.loader import TrainLoader, ValLoader, _stream  # noqa: E402
+from bench.sections import write_section  # noqa: E402
+from pipeline.data.convert import fake, shards  # noqa: E402
+from pipeline.data.load.config import DataConfig  # noqa: E402
+from pipeline.data.load.loader import TrainLoader, ValLoader, _stream  # noqa: E402
 
 SECTION = "## Data loading"
 RECIPE = "rand-m9-mstd0.5-inc1"
@@ -84,12 +87,13 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
         def make():
             loader.samples_seen = 0
             plan = loader.plan()
-            return _stream(loader.source, plan, plan.num_batches, cfg, cpu)
+            return _stream(loader.format_batches, plan, plan.num_batches, cfg, cpu)
     else:
         loader = ValLoader(cfg, 0, 1, cpu)
 
         def make():
-            return _stream(loader.source, loader.plan, len(loader.plan), cfg, cpu)
+            return _stream(loader.format_batches, loader.batch_indices, len(loader.batch_indices), cfg,
+                           cpu)
 
     return make, lambda item: len(item[2])
 
@@ -115,7 +119,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per row; the best counts")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    ap.add_argument("--markdown", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
+                    help="write the section here (default: %(default)s; '' for none)")
+    ap.add_argument("--json", help="also write the results here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -146,9 +152,10 @@ def main() -> int:
                     print(f"{split:5s} RandAugment={ra:3s} workers={workers} {name:8s} {n:5d} images  "
                           f"{wall:7.1f} img/s  {per_cpu:7.1f} img/s per core", flush=True)
                 base = results["baseline"][1]
-                for name, (wall, per_cpu) in results.items():
-                    rows.append(f"| {split} | {ra if split == 'train' else '-'} | {workers} | {name} | "
-                                f"{wall:.1f} | {per_cpu:.1f} | {per_cpu / base:.2f}x |")
+                rows += [{"split": split, "rand_augment": ra if split == "train" else None,
+                          "workers": workers, "pipeline": name, "images_per_s": wall,
+                          "images_per_s_per_core": per_cpu, "per_core_vs_baseline": per_cpu / base}
+                         for name, (wall, per_cpu) in results.items()]
         dev = device_stage(root, args.batch)
 
     cmd = "make bench-data"
@@ -170,20 +177,19 @@ def main() -> int:
         "| split | RandAugment | workers | pipeline | images/s (wall) | images/s per core | "
         "per core vs baseline |",
         "|---|---|---|---|---|---|---|",
-        *rows, "",
+        *(f"| {r['split']} | {r['rand_augment'] or '-'} | {r['workers']} | {r['pipeline']} | "
+          f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {r['per_core_vs_baseline']:.2f}x |"
+          for r in rows), "",
     ]
-    write_section(Path(args.out), "\n".join(lines))
+    if args.markdown:
+        write_section(Path(args.markdown), "\n".join(lines))
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("classes", "train_per_class", "val_per_class", "batch",
+                                                  "repeat")}
+        Path(args.json).write_text(json.dumps({**settings, "ffcv_options": ffcv_opts, "rows": rows,
+                                               "device_stage_images_per_s": dev}, indent=2) + "\n")
     print("\n".join(lines))
     return 0
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's `## ` section of BENCHMARKS.md, leaving the others alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    parts = old.split("\n## ")
-    kept = [parts[0].rstrip("\n")]
-    kept += ["## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(SECTION)]
-    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
 
 
 if __name__ == "__main__":

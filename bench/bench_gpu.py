@@ -27,8 +27,8 @@ from pipeline.train.config import config_from_dict  # noqa: E402
 
 def make_shards(root: Path, num_classes: int, per_class: int, side: int, workers: int) -> Path:
     """A fake ImageNet written as real shards (the loader-fed cases read these)."""
-    from pipeline.data import fake
-    from pipeline.data.shards import write_shards
+    from pipeline.data.convert import fake
+    from pipeline.data.convert.shards import write_shards
 
     fake.write(root / "src", layouts=("folders",), num_classes=num_classes, train_per_class=per_class,
                val_per_class=1, min_side=side, max_side=int(side * 1.6), large_fraction=0.0, quirks=False)
@@ -41,7 +41,7 @@ def make_shards(root: Path, num_classes: int, per_class: int, side: int, workers
 def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool, shards: Path | None,
              warmup: int, steps: int, device: torch.device, peak_tflops: float, workers: int,
              num_classes: int, kwargs: dict) -> dict:
-    from pipeline.data.loader import build_train_loader
+    from pipeline.data.load.loader import build_train_loader
     from pipeline.models.info import forward_flops
     from pipeline.train.engine import build_model, initialize
     from pipeline.train.loop import loss_fn

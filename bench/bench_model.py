@@ -4,7 +4,7 @@ One step = forward + backward + AdamW step on random images. Speed: both impleme
 process, steps interleaved, the fastest counts (load from other processes hits both alike). Memory:
 each in a fresh subprocess (peak RSS above the RSS before the first step on CPU, the CUDA
 allocator's peak on GPU), so it is its own. The "reference"
-implementation is `bench/reference_rmt.py` (explicit softmax(QK^T + mask) V, masks rebuilt each call),
+implementation is `tests/reference_rmt.py` (explicit softmax(QK^T + mask) V, masks rebuilt each call),
 with the same weights. Also measured: the FLOP/s of one large bf16/fp32 matmul on the same device, so
 the model's achieved FLOP/s can be read as a fraction of what the hardware does on dense matmuls.
 
@@ -44,7 +44,7 @@ def build(model_name: str, impl: str, device: str, checkpointing: bool, seed: in
     import timm
 
     import pipeline.models  # noqa: F401
-    from bench.reference_rmt import use_reference
+    from tests.reference_rmt import use_reference
 
     torch.manual_seed(seed)
     model = timm.create_model(model_name).to(device).train()

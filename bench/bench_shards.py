@@ -4,7 +4,8 @@ All runs happen side by side in one process on the same input (realistic sides, 
 larger). Baselines, in one process: reading every input file; reading + a full decode (PIL verify +
 load, what re-encode and FFCV modes do); reading + copy mode's check (a 1/8-scale JPEG decode). Copy
 mode with 1 worker against that last baseline is the cost of everything around the check; ideally
-it is close to 1. Results replace the "## Shards" section of BENCHMARKS.md.
+it is close to 1. Results replace the "## Shards" section of BENCHMARKS.md (--markdown) and, with
+--json PATH, are written there as JSON (what `make bench` reads).
 
     make bench-shards            # or: python bench/bench_shards.py --classes 10 --per-class 40
 """
@@ -12,13 +13,19 @@ it is close to 1. Results replace the "## Shards" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data import fake, shards, sources
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.sections import write_section  # noqa: E402
+from pipeline.data.convert import encode, fake, shards  # noqa: E402
+from pipeline.data.convert import imagenet as sources  # noqa: E402
 
 SECTION = "## Shards"
 
@@ -33,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=40)
-    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--markdown", default="BENCHMARKS.md",
+                        help="write the section here (default: %(default)s; '' for none)")
+    parser.add_argument("--json", help="also write the results here as JSON")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     try:
@@ -46,11 +55,11 @@ def main() -> None:
 
         def read():
             for e in entries:
-                sources.read_entry(e)
+                sources.read_input(e)
 
         def decode(full: bool):
             for e in entries:
-                shards._decode(sources.read_entry(e), full)
+                encode.decode(sources.read_input(e), full)
 
         rows = [("read input files only", 1, _time(read)),
                 ("read + full decode (PIL verify + load)", 1, _time(lambda: decode(True))),
@@ -79,9 +88,11 @@ def main() -> None:
              "train + val, all in one run. Rates count input images and input MB.", "",
              "| run | workers | images/s | MB/s | vs. copy mode's check in 1 process |",
              "|---|---|---|---|---|"]
-    for name, workers, seconds in rows:
-        lines.append(f"| {name} | {workers} | {n / seconds:.0f} | {mb / seconds:.1f} | "
-                     f"{n / seconds / check_rate:.2f}x |")
+    results = [{"run": name, "workers": workers, "images_per_s": n / seconds, "mb_per_s": mb / seconds,
+                "vs_check": n / seconds / check_rate} for name, workers, seconds in rows]
+    for r in results:
+        lines.append(f"| {r['run']} | {r['workers']} | {r['images_per_s']:.0f} | {r['mb_per_s']:.1f} | "
+                     f"{r['vs_check']:.2f}x |")
     lines += ["", "Every mode decodes every input image in a worker, since corrupt files must be caught. "
               "Copy mode decodes JPEGs at 1/8 scale (all compressed data is still decoded); its 1-worker "
               "row against the same check done in a bare loop shows what the pipeline around it costs "
@@ -92,15 +103,11 @@ def main() -> None:
               "scaling is not measurable here.", ""]
     text = "\n".join(lines)
     print(text)
-    path = Path(args.output)
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        following = rest.find("\n## ")  # the next section, kept as it is
-        new = head + text + ("\n" + rest[following + 1:] if following >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
+    if args.markdown:
+        write_section(Path(args.markdown), text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": n, "mb": mb, "baseline": rows[2][0],
+                                               "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Runs bench/bench_model.py, bench_data.py, bench_shards.py and bench_engine.py (those present), each in
 its own process from the repository root, with small inputs unless --full (each script's own defaults,
-as `make bench-<x>` runs them). Their full tables stay in their own BENCHMARKS.md sections, written by
-`make bench-<x>`: here they write to a temporary file, which is parsed. Writes bench/results.json
-(machine, command, every parsed result, the summary rows) and the "## Summary (make bench)" section of
-BENCHMARKS.md (or --markdown).
+as `make bench-<x>` runs them). Each hands over its results as JSON (a `--json PATH` file, or one JSON
+line it prints: bench_engine); their full tables stay in their own BENCHMARKS.md sections, written by
+`make bench-<x>`, not here. Writes bench/results.json (machine, command, every benchmark's JSON, the
+summary rows) and the "## Summary (make bench)" section of BENCHMARKS.md (or --markdown).
 
     python bench/run_all.py [--full] [--only model data ...] [--json bench/results.json]
 """
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -25,41 +24,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.sections import write_section  # noqa: E402
+
 SECTION = "## Summary (make bench)"
 
-# name -> (module, small options: each passed only when the script's --help lists the flag)
-BENCHES: dict[str, tuple[str, list[list[str]]]] = {
-    "model": ("bench.bench_model", [["--models", "rmt_t"], ["--size", "128"], ["--batch", "4"],
-                                    ["--steps", "2"]]),
-    "data": ("bench.bench_data", [["--classes", "4"], ["--train-per-class", "16"], ["--val-per-class", "8"],
-                                  ["--batch", "16"], ["--workers", "1"], ["--repeat", "1"]]),
+# name -> (module, its small options, how it hands over its results: "--json" = a `--json PATH` flag,
+# "--markdown" = a BENCHMARKS.md section flag set to '' (none written); no "--json": it prints them as
+# one JSON object line)
+BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
+    "model": ("bench.bench_model", ["--models", "rmt_t", "--size", "128", "--batch", "4", "--steps", "2"],
+              ["--json"]),
+    "data": ("bench.bench_data", ["--classes", "4", "--train-per-class", "16", "--val-per-class", "8",
+                                  "--batch", "16", "--workers", "1", "--repeat", "1"],
+             ["--json", "--markdown"]),
     # its defaults are small already (450 images); fewer would measure start-up, not throughput
-    "shards": ("bench.bench_shards", []),
-    "engine": ("bench.bench_engine", [["--steps", "5"]]),
+    "shards": ("bench.bench_shards", [], ["--json", "--markdown"]),
+    "engine": ("bench.bench_engine", ["--steps", "5"], []),
 }
-
-
-def parse_tables(markdown: str) -> list[list[dict]]:
-    """Every markdown table in `markdown` as a list of {header: cell} rows."""
-    tables, header, rows = [], None, []
-    for line in [*markdown.splitlines(), ""]:
-        line = line.strip()
-        if line.startswith("|") and line.endswith("|"):
-            cells = [c.strip() for c in line[1:-1].split("|")]
-            if header is None:
-                header = cells
-            elif not all(set(c) <= set("-: ") for c in cells):
-                rows.append(dict(zip(header, cells, strict=False)))
-            continue
-        if header is not None:
-            tables.append(rows)
-        header, rows = None, []
-    return tables
-
-
-def _float(text: str) -> float | None:
-    m = re.fullmatch(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text.strip().rstrip("x%"))
-    return float(m.group(0)) if m else None
 
 
 def _row(bench: str, what: str, value: float | None, unit: str, ratio: float | None, vs: str,
@@ -69,96 +52,69 @@ def _row(bench: str, what: str, value: float | None, unit: str, ratio: float | N
             "ratio_unit": ratio_unit, "vs": vs}
 
 
-def _number_unit(text: str) -> tuple[float, str] | None:
-    """"331 ms" -> (331.0, "ms"); "1.5" -> (1.5, ""); "1.38%" -> (1.38, "%"); else None."""
-    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*([^\d\s].*)?", text.strip())
-    return (float(m.group(1)), (m.group(2) or "").strip()) if m else None
-
-
-def summarize(name: str, result: dict) -> list[dict]:
-    """The rows of the summary table for one benchmark's parsed result."""
-    if "json" in result and name == "model":
+def summarize(name: str, data: dict) -> list[dict]:
+    """The rows of the summary table for one benchmark's JSON results."""
+    if name == "model":
         out = []
-        for r in result["json"]["rows"]:
+        for r in data["rows"]:
             if r["impl"] != "ours":
                 continue
-            what = (f"{r['model']} {r['precision']} train step, {result['json']['size']} px, batch "
-                    f"{result['json']['batch']}{', act. checkpointing' if r['checkpointing'] else ''}")
+            what = (f"{r['model']} {r['precision']} train step, {data['size']} px, batch "
+                    f"{data['batch']}{', act. checkpointing' if r['checkpointing'] else ''}")
             out.append(_row(name, what, r["images_per_s"], "images/s", r["speedup_vs_reference"],
                             "speed vs the straightforward MaSA"))
             out.append(_row(name, what + ": peak memory", r["peak_gib"], "GiB", r["memory_vs_reference"],
                             "memory vs the straightforward MaSA"))
         return out
-    tables = result.get("tables", [])
-    if "json" in result and name == "engine" and "train_step_ms" in result["json"]:
-        j = result["json"]
-        setting = f"{j['model']}, {j['img']} px, batch {j['batch']}, 1 process, ZeRO-2"
-        step, frac, of_step = j["train_step_ms"], j["per_step_overhead_frac"], "of a training step"
+    if name == "engine" and "train_step_ms" in data:
+        setting = f"{data['model']}, {data['img']} px, batch {data['batch']}, 1 process, ZeRO-2"
+        step, frac, of_step = data["train_step_ms"], data["per_step_overhead_frac"], "of a training step"
         return [
             _row(name, f"training step ({setting})", step, "ms", None, ""),
             _row(name, "trainer's own per-step work (EMA, stop/non-finite all_reduce, reseed, metrics)",
                  step * frac, "ms", frac, of_step, "%"),
-            _row(name, "EMA update", j["ema_update_ms"], "ms", j["ema_update_ms"] / step, of_step, "%"),
-            _row(name, f"checkpoint save ({j['checkpoint_gb']:.2f} GB)", j["save_s_per_gb"], "s/GB", None,
-                 ""),
-            _row(name, "checkpoint load", j["load_s_per_gb"], "s/GB", None, ""),
+            _row(name, "EMA update", data["ema_update_ms"], "ms", data["ema_update_ms"] / step, of_step, "%"),
+            _row(name, f"checkpoint save ({data['checkpoint_gb']:.2f} GB)", data["save_s_per_gb"], "s/GB",
+                 None, ""),
+            _row(name, "checkpoint load", data["load_s_per_gb"], "s/GB", None, ""),
         ]
     if name == "data":
         out = []
-        for table in tables:
-            for r in table:
-                if r.get("pipeline") in ("wds", "ffcv"):
-                    ra = f", RandAugment {r['RandAugment']}" if r.get("RandAugment", "-") != "-" else ""
-                    what = f"{r['split']} loader {r['pipeline']}{ra}, {r['workers']} worker(s)"
-                    out.append(_row(name, what, _float(r["images/s per core"]), "images/s per core",
-                                    _float(r["per core vs baseline"]), "per core vs ImageFolder + timm"))
+        for r in data["rows"]:
+            if r["pipeline"] in ("wds", "ffcv"):
+                ra = f", RandAugment {r['rand_augment']}" if r["rand_augment"] else ""
+                out.append(_row(name, f"{r['split']} loader {r['pipeline']}{ra}, {r['workers']} worker(s)",
+                                r["images_per_s_per_core"], "images/s per core", r["per_core_vs_baseline"],
+                                "per core vs ImageFolder + timm"))
         return out
     if name == "shards":
-        out = []
-        for table in tables:
-            for r in table:
-                ratio_key = next((k for k in r if k.startswith("vs.")), None)
-                what = f"{r['run']}, {r['workers']} worker(s)"
-                out.append(_row(name, what, _float(r["images/s"]), "images/s",
-                                _float(r[ratio_key]) if ratio_key else None,
-                                ratio_key[4:] if ratio_key else ""))
-        return out
-    # any other benchmark: per table row, its first rate ("/s" in the header; else its first number,
-    # units allowed: "331 ms") and its last ratio ("1.23x"); the other cells name the row
-    out = []
-    for table in tables:
-        for r in table:
-            parsed = {k: _number_unit(v) for k, v in r.items()}
-            ratios = [k for k in r if parsed[k] and parsed[k][1] == "x"]
-            numbers = [k for k in r if parsed[k] and k not in ratios]
-            value = next((k for k in numbers if "/s" in k), numbers[0] if numbers else None)
-            ratio = ratios[-1] if ratios else None
-            labels = [v if parsed[k] is None else f"{k} {v}" for k, v in r.items() if k not in (value, ratio)]
-            unit = (f"{value} ({parsed[value][1]})" if parsed[value][1] else value) if value else ""
-            out.append(_row(name, ", ".join(labels) or "-", parsed[value][0] if value else None, unit,
-                            parsed[ratio][0] if ratio else None, ratio or ""))
-    return out
+        return [_row(name, f"{r['run']}, {r['workers']} worker(s)", r["images_per_s"], "images/s",
+                     r["vs_check"], f"{data['baseline']} in 1 process") for r in data["rows"]]
+    return []
 
 
-def run_bench(name: str, module: str, options: list[list[str]], full: bool, tmp: Path) -> dict:
+def _printed_json(stdout: str) -> dict | None:
+    """The last line of `stdout` that is one JSON object (how bench_engine hands over its results)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def run_bench(name: str, module: str, small: list[str], outputs: list[str], full: bool, tmp: Path) -> dict:
     script = REPO / (module.replace(".", "/") + ".py")
     if not script.is_file():
         return {"status": "absent", "script": str(script.relative_to(REPO))}
-    helptext = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
-                              text=True).stdout
-    has = lambda flag: re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helptext) is not None  # noqa: E731
-    args = [] if full else [a for opt in options if has(opt[0]) for a in opt]
-    out_json, out_md = tmp / f"{name}.json", tmp / f"{name}.md"
-    if has("--json"):
-        args += ["--json", str(out_json)]
-    elif has("--out"):
-        args += ["--out", str(out_md)]
-    elif has("--output"):
-        args += ["--output", str(out_md)]
-    cmd = [sys.executable, "-m", module, *args]
+    out_json = tmp / f"{name}.json"
+    args = ([] if full else small) + (["--json", str(out_json)] if "--json" in outputs else []) + (
+        ["--markdown", ""] if "--markdown" in outputs else [])
     print(f"\n[bench] {name}: python -m {module} {shlex.join(args)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     sys.stdout.write(proc.stdout)
     result = {"status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
@@ -166,18 +122,11 @@ def run_bench(name: str, module: str, options: list[list[str]], full: bool, tmp:
     if proc.returncode != 0:
         result["output_tail"] = proc.stdout[-3000:]
         return result
-    if out_json.is_file():
-        result["json"] = json.loads(out_json.read_text())
-    else:  # a script that prints its results as one JSON object line
-        for line in reversed(proc.stdout.splitlines()):
-            if line.startswith("{") and line.endswith("}"):
-                try:
-                    result["json"] = json.loads(line)
-                    break
-                except json.JSONDecodeError:
-                    continue
-    text = out_md.read_text() if out_md.is_file() else proc.stdout
-    result["tables"] = parse_tables(text)
+    data = json.loads(out_json.read_text()) if out_json.is_file() else _printed_json(proc.stdout)
+    if data is None:
+        result["status"] = "no JSON results in its output"
+    else:
+        result["json"] = data
     return result
 
 
@@ -218,7 +167,7 @@ def markdown(results: dict) -> str:
             continue
         rows = [r for r in results["summary"] if r["bench"] == name]
         if not rows:
-            lines.append(f"| {name} | {res['script']}: no table found in its output | - | - | - | - |")
+            lines.append(f"| {name} | {res['script']}: no summary rows in its results | - | - | - | - |")
         for r in rows:
             if r["ratio"] is None:
                 ratio = "-"
@@ -228,15 +177,6 @@ def markdown(results: dict) -> str:
                 ratio = f"{r['ratio']:.2f}x"
             lines.append(f"| {name} | {r['what']} | {_fmt(r['value'])} | {r['unit']} | {ratio} | {r['vs']} |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or insert after the title) the summary section, leaving the other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    parts = old.split("\n## ")
-    head, sections = parts[0].rstrip("\n"), ["## " + p.strip("\n") for p in parts[1:]]
-    sections = [s for s in sections if not s.startswith(SECTION)]
-    path.write_text("\n\n".join([head, text.strip("\n"), *sections]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,17 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "full": args.full,
                "benchmarks": {}, "summary": []}
     with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
-        for name, (module, options) in BENCHES.items():
+        for name, (module, small, outputs) in BENCHES.items():
             if args.only and name not in args.only:
                 continue
-            res = run_bench(name, module, options, args.full, Path(tmp))
+            res = run_bench(name, module, small, outputs, args.full, Path(tmp))
             results["benchmarks"][name] = res
             if res["status"] == "ok":
-                results["summary"] += summarize(name, res)
+                results["summary"] += summarize(name, res["json"])
     results["machine"] = machine()
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
-    write_section(Path(args.markdown), text)
+    write_section(Path(args.markdown), text, first=True)
     print("\n" + text)
     print(f"[bench] wrote {args.json} and the '{SECTION[3:]}' section of {args.markdown}")
     failed = [n for n, r in results["benchmarks"].items() if r["status"] not in ("ok", "absent")]

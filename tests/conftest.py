@@ -8,8 +8,8 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """OUT of `make shards` for 4 classes x 16 train / 4 val images, 40-64 px sides (both formats)."""
-    from pipeline.data import fake
-    from pipeline.data.shards import write_shards
+    from pipeline.data.convert import fake
+    from pipeline.data.convert.shards import write_shards
 
     base = tmp_path_factory.mktemp("tiny_shards")
     fake.write(base / "src", layouts=("folders",), num_classes=4, train_per_class=16, val_per_class=4,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.augment import (
+from pipeline.data.errors import DataError
+from pipeline.data.load.augment import (
     RRC_LOG_RATIO,
     RRC_SCALE,
     DeviceAugment,
@@ -19,8 +20,8 @@ from pipeline.data.augment import (
     rrc_box,
     seeded_pil_rngs,
 )
-from pipeline.data.config import DataConfig, DataError
-from pipeline.data.sampler import STREAM_CROP, sample_keys
+from pipeline.data.load.config import DataConfig
+from pipeline.data.load.sampler import STREAM_CROP, sample_keys
 
 
 def _jpeg(width: int, height: int, seed: int = 0, quality: int = 92) -> bytes:

@@ -1,5 +1,6 @@
-"""`make bench` (bench/run_all.py): markdown table parsing, and one real benchmark run end to end
-(results.json, the summary section replacing its old self, the other sections kept)."""
+"""`make bench` (bench/run_all.py): summary rows from each benchmark's JSON, the BENCHMARKS.md section
+writer, and one real benchmark run end to end (results.json, the summary section replacing its old
+self, the other sections kept)."""
 
 from __future__ import annotations
 
@@ -10,31 +11,36 @@ from pathlib import Path
 
 import pytest
 
-from bench.run_all import SECTION, parse_tables, summarize
+from bench.run_all import SECTION, summarize
+from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_parse_tables_and_generic_summary():
-    text = "\n".join([
-        "intro", "", "| run | workers | images/s | vs. base |", "|---|---|---|---|",
-        "| copy | 1 | 500 | 1.00x |", "| ffcv | 2 | 125.5 | 0.25x |", "", "text",
-        "| a | b |", "|:-|-:|", "| x | 3 |",
-    ])
-    tables = parse_tables(text)
-    assert tables == [[{"run": "copy", "workers": "1", "images/s": "500", "vs. base": "1.00x"},
-                       {"run": "ffcv", "workers": "2", "images/s": "125.5", "vs. base": "0.25x"}],
-                      [{"a": "x", "b": "3"}]]
-    rows = summarize("engine", {"tables": tables})  # an unknown benchmark: first rate, last ratio
-    assert [(r["what"], r["value"], r["unit"], r["ratio"], r["vs"]) for r in rows] == [
-        ("copy, workers 1", 500.0, "images/s", 1.0, "vs. base"),
-        ("ffcv, workers 2", 125.5, "images/s", 0.25, "vs. base"), ("x", 3.0, "b", None, "")]
-    units = parse_tables("| what | time | vs step |\n|---|---|---|\n| EMA update | 4.6 ms | 1.38% |")
-    assert [(r["what"], r["value"], r["unit"]) for r in summarize("other", {"tables": units})] == [
-        ("EMA update, vs step 1.38%", 4.6, "time (ms)")]
-    shards = summarize("shards", {"tables": tables[:1]})
-    assert [(r["what"], r["value"], r["ratio"], r["vs"]) for r in shards] == [
-        ("copy, 1 worker(s)", 500.0, 1.0, "base"), ("ffcv, 2 worker(s)", 125.5, 0.25, "base")]
+def test_summary_rows_come_from_each_benchmarks_json():
+    shards = {"baseline": "check", "rows": [
+        {"run": "copy", "workers": 1, "images_per_s": 500.0, "mb_per_s": 20.0, "vs_check": 1.0},
+        {"run": "ffcv", "workers": 2, "images_per_s": 125.5, "mb_per_s": 5.0, "vs_check": 0.25}]}
+    assert [(r["what"], r["value"], r["ratio"], r["vs"]) for r in summarize("shards", shards)] == [
+        ("copy, 1 worker(s)", 500.0, 1.0, "check in 1 process"),
+        ("ffcv, 2 worker(s)", 125.5, 0.25, "check in 1 process")]
+    data = {"rows": [
+        {"split": "train", "rand_augment": "yes", "workers": 1, "pipeline": "baseline", "images_per_s": 9.0,
+         "images_per_s_per_core": 10.0, "per_core_vs_baseline": 1.0},
+        {"split": "val", "rand_augment": None, "workers": 2, "pipeline": "ffcv", "images_per_s": 50.0,
+         "images_per_s_per_core": 40.0, "per_core_vs_baseline": 4.0}]}
+    assert [(r["what"], r["value"], r["ratio"]) for r in summarize("data", data)] == [
+        ("val loader ffcv, 2 worker(s)", 40.0, 4.0)]  # the baseline is the ratio's reference, no row
+    assert summarize("engine", {"note": "an older bench_engine without the step numbers"}) == []
+
+
+def test_write_section_replaces_in_place_appends_or_goes_first(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    write_section(md, "## A\n\none\n")  # a missing file starts with the title
+    write_section(md, "## B\n\ntwo")
+    write_section(md, "## A\n\nnew one")  # replaced where it stands, B kept after it
+    write_section(md, "## Summary\n\nfirst", first=True)
+    assert md.read_text() == "# Benchmarks\n\n## Summary\n\nfirst\n\n## A\n\nnew one\n\n## B\n\ntwo\n"
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import fake, sources
+from pipeline.data.convert import fake
+from pipeline.data.convert import imagenet as sources
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import fake, shards
-from pipeline.data.config import DataConfig, DataError
-from pipeline.data.loader import build_train_loader, build_val_loader
-from pipeline.data.sampler import epoch_order
+from pipeline.data.convert import fake, shards
+from pipeline.data.errors import DataError
+from pipeline.data.load.config import DataConfig
+from pipeline.data.load.loader import build_train_loader, build_val_loader
+from pipeline.data.load.sampler import epoch_order
 
 pytest.importorskip("ffcv")
 pytestmark = pytest.mark.slow  # builds real shards, compiles FFCV's decoder, many loader passes
@@ -168,7 +169,7 @@ def _copy(root, tmp_path):
 
 
 def test_member_index_matches_tarfile_and_is_cached(root, tmp_path):
-    from pipeline.data.wds_loader import ShardSet, scan_shard
+    from pipeline.data.load.wds import ShardSet, scan_shard
 
     manifest = json.load(open(os.path.join(root, "manifest.json")))
     entry = manifest["splits"]["train"]["wds"]["shards"][0]

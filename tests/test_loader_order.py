@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.data.sampler import epoch_order, rank_plan, val_range
+from pipeline.data.load.sampler import epoch_order, rank_plan, val_range
 
 
 def test_epoch_order_is_a_pure_function_with_local_windows():
@@ -43,6 +43,6 @@ def test_val_ranges_cover_every_sample_once():
 
 @pytest.mark.slow  # a fresh interpreter imports torch, timm and ffcv
 def test_data_code_does_not_import_deepspeed():
-    code = "import sys, pipeline.data.loader, pipeline.data.ffcv_loader; print('deepspeed' in sys.modules)"
+    code = "import sys, pipeline.data.load.loader, pipeline.data.load.ffcv; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

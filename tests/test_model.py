@@ -9,8 +9,8 @@ import timm
 import torch
 
 import pipeline.models
-from bench.reference_rmt import reference_attend, use_reference
 from pipeline.models.rmt import ManhattanSelfAttention, RetentionPositions
+from tests.reference_rmt import reference_attend, use_reference
 
 OFFICIAL_KEYS = json.loads((Path(__file__).parent / "data" / "official_rmt_keys.json").read_text())["models"]
 PARAMS = {"rmt_t": 14_334_216, "rmt_s": 26_967_240, "rmt_b": 54_154_896, "rmt_l": 95_464_864}

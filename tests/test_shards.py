@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data import fake, shard_verify, shards
-from pipeline.data.sources import DataError
+from pipeline.data.convert import encode, fake, shards, tar
+from pipeline.data.convert import verify as shard_verify
+from pipeline.data.errors import DataError
 
 CLASSES = 4
 SMALL = 6000  # shard bytes: several shards from a few dozen tiny images
@@ -148,7 +149,7 @@ def test_verify_catches_an_extra_shard_and_bad_content_with_valid_checksums(fold
     manifest = json.loads((out / "manifest.json").read_text())
     shard = manifest["splits"]["val"]["wds"]["shards"][0]
     path = out / "wds" / shard["name"]
-    w = shards.TarWriter(path)  # a shard with a label out of range and a duplicate key, checksummed
+    w = tar.TarWriter(path)  # a shard with a label out of range and a duplicate key, checksummed
     w.add("ILSVRC2012_val_00000001", "jpg", b"not a jpeg", CLASSES)
     w.add("ILSVRC2012_val_00000001", "jpg", b"not a jpeg", 0)
     w.commit()
@@ -233,7 +234,7 @@ def test_reduced_copy_mode_decode_rejects_what_a_full_decode_rejects():
         scan = data.find(b"\xff\xda")
         cuts = [data] + ([data[: scan + int((len(data) - scan) * f)] for f in (0.2, 0.9)] if scan > 0 else [])
         for cut in cuts:
-            full, reduced = shards._decode(cut, full=True), shards._decode(cut, full=False)
+            full, reduced = encode.decode(cut, full=True), encode.decode(cut, full=False)
             assert (full[0] is None) == (reduced[0] is None)
             assert (full[0] is None) == (cut is not data)
 

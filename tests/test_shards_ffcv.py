@@ -15,7 +15,9 @@ from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
-from pipeline.data import fake, shard_ffcv, shard_verify, shards
+from pipeline.data.convert import beton as shard_ffcv
+from pipeline.data.convert import fake, shards
+from pipeline.data.convert import verify as shard_verify
 
 CLASSES = 4
 PAGE = 1 << 21  # FFCV's smallest page: small test files

@@ -7,7 +7,8 @@ import tarfile
 
 import pytest
 
-from pipeline.data import fake, sources
+from pipeline.data.convert import fake
+from pipeline.data.convert import imagenet as sources
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_archive_entries_read_the_same_bytes_as_the_files(fk):
         by_key = {e.key: e for e in folders.splits[split]}
         for e in archived.splits[split]:
             assert e.archive is not None
-            assert sources.read_entry(e) == sources.read_entry(by_key[e.key])
+            assert sources.read_input(e) == sources.read_input(by_key[e.key])
 
 
 def test_devkit_ids_are_mapped_through_meta_mat_not_used_as_labels(fk):

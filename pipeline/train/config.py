@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.data.config import DataConfig, DataError
+from pipeline.data.errors import DataError
+from pipeline.data.load.config import DataConfig
 from pipeline.errors import InputError
 
 

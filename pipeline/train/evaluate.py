@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data.loader import build_val_loader
+    from pipeline.data.load.loader import build_val_loader
     from pipeline.train import distributed
     from pipeline.train.weights import checked_weights, resolve_source
 
@@ -70,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
     res = evaluate(model, loader, device, dtype)
     if res["count"] != loader.num_samples:
-        print(f"error: evaluated {res['count']} images but the validation set has {loader.num_samples}",
-              file=sys.stderr)
-        return 1
+        raise PipelineError(f"evaluated {res['count']} images but the validation set has {loader.num_samples}")
     if env.rank == 0:
         print(json.dumps({"checkpoint": str(Path(args.checkpoint)), "ema": args.ema, **res}))
     return 0

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,30 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the generated DeepSpeed config (for this world size) and exit")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.data.config import DataError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.config import ConfigError
-    from pipeline.train.distributed import DistributedSetupError
-    from pipeline.train.loop import TrainingError
-
-    try:
-        return _run(args)
-    except (ConfigError, DataError, CheckpointError, DistributedSetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
 def _quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
     from pipeline.train.config import ConfigError, load_config
@@ -102,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
                 dist.barrier()
                 load_tag = f"{tag}_universal"
 
-        from pipeline.data.loader import build_train_loader, build_val_loader
+        from pipeline.data.load.loader import build_train_loader, build_val_loader
 
         train_loader = build_train_loader(cfg.data, env.rank, env.world_size, device)
         val_loader = build_val_loader(cfg.data, env.rank, env.world_size, device)

@@ -25,8 +25,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pipeline.data.augment import seeded_pil_rngs
-from pipeline.data.config import DataError
+from pipeline.data.errors import DataError
+from pipeline.data.load.augment import ValAugment, seeded_pil_rngs
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,17 @@ class ShardSet:
         return f"shard {self.names[self.locate(index)[0]]}, key {self.key(index)!r}"
 
 
-class WdsTrainSource:
-    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
+class _ShardBatches:
+    """A batch maker over the shards of one split (`augment`: the split's CPU stage)."""
 
     def __init__(self, shards: ShardSet, augment, skip_bad: bool):
         self.shards = shards
         self.augment = augment
         self.skip_bad = skip_bad
+
+
+class WdsTrainBatches(_ShardBatches):
+    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
@@ -282,13 +286,8 @@ class WdsTrainSource:
         return fill_bad(out, labels, ok)
 
 
-class WdsValSource:
+class WdsValBatches(_ShardBatches):
     """Produces this rank's val batches: contiguous sample indices, last batch may be short."""
-
-    def __init__(self, shards: ShardSet, augment, skip_bad: bool):
-        self.shards = shards
-        self.augment = augment
-        self.skip_bad = skip_bad
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
@@ -336,3 +335,12 @@ def drop_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
         return images[ok], labels[ok], n_bad
     return images, labels, 0
 
+
+def train_batches(cfg, section: dict, augment):
+    """(shard blocks for the epoch shuffle, train batch maker) of the split's wds manifest section."""
+    shards = ShardSet(cfg.root, "train", section["shards"])
+    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad)
+
+
+def val_batches(cfg, section: dict):
+    return WdsValBatches(ShardSet(cfg.root, "val", section["shards"]), ValAugment(cfg), cfg.skip_bad)

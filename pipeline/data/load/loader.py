@@ -1,14 +1,14 @@
 """The trainer's entry points: `build_train_loader` / `build_val_loader` for WebDataset or FFCV shards.
 
-A loader runs a format-specific *source* that turns (epoch plan, batch numbers) into uint8 NHWC
-batches + labels. With `workers` > 0 the batches are produced by that many processes: worker w
-makes batches w, w+K, w+2K, ... of the rank's plan, and torch's DataLoader hands them back in
-task order, so the output order (and, the augmentation being keyed per entry, the content) does
-not depend on the number of workers. Workers are forked (FFCV's compiled pipeline is inherited, not
-pickled) afresh for each pass over an epoch, which is also how a new epoch's plan reaches them.
-The main process moves each batch to the device (pinned, non-blocking on CUDA) and runs the device
-stage (normalise, RandomErasing, Mixup/CutMix) there. Nothing here imports DeepSpeed or needs
-torch.distributed: rank and world size are plain arguments.
+A loader runs its format's *batch maker* (`pipeline.data.formats`) that turns (epoch plan, batch
+numbers) into uint8 NHWC batches + labels. With `workers` > 0 the batches are produced by that many
+processes: worker w makes batches w, w+K, w+2K, ... of the rank's plan, and torch's DataLoader hands
+them back in task order, so the output order (and, the augmentation being keyed per entry, the
+content) does not depend on the number of workers. Workers are forked (FFCV's compiled pipeline is
+inherited, not pickled) afresh for each pass over an epoch, which is also how a new epoch's plan
+reaches them. The main process moves each batch to the device (pinned, non-blocking on CUDA) and
+runs the device stage (normalise, RandomErasing, Mixup/CutMix) there. Nothing here imports DeepSpeed
+or needs torch.distributed: rank and world size are plain arguments.
 
 Position semantics: `samples_seen` counts global entries of the epoch consumed by batches already
 yielded (W*B per batch). `set_epoch(e)` with a different epoch restarts at 0; with the current epoch
@@ -18,48 +18,28 @@ epoch+1, position 0. `state_dict()` is identical on every rank.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.data.augment import DeviceAugment, TrainAugment, ValAugment, batch_key
-from pipeline.data.config import DataConfig, DataError
-from pipeline.data.sampler import batches_per_epoch, epoch_order, rank_plan, val_range
+from pipeline.data import manifest
+from pipeline.data.errors import DataError
+from pipeline.data.formats import FORMATS
+from pipeline.data.load.augment import DeviceAugment, TrainAugment, batch_key
+from pipeline.data.load.config import DataConfig
+from pipeline.data.load.sampler import batches_per_epoch, epoch_order, rank_plan, val_range
 
 log = logging.getLogger(__name__)
 
 
-def read_manifest(root: str) -> dict:
-    path = os.path.join(root, "manifest.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"data.root={root!r} has no manifest.json; write shards there first "
-                        f"(make shards SRC=... OUT={root})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); rebuild the shards (make shards)") from None
-    if manifest.get("format_version") != 1:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-                        f"(expected 1); rebuild the shards with this version")
-    return manifest
+@dataclass(frozen=True)
+class WorkerError:
+    """A loader worker's DataError, sent back in place of a batch so the main process raises it as one
+    line (no worker traceback)."""
 
-
-def _split_entry(manifest: dict, cfg: DataConfig, split: str) -> dict:
-    entry = manifest.get("splits", {}).get(split)
-    if entry is None:
-        raise DataError(f"{cfg.root}/manifest.json has no '{split}' split; rebuild the shards (make shards)")
-    if cfg.format not in entry:
-        have = [f for f in ("wds", "ffcv") if f in entry]
-        raise DataError(f"{cfg.root}/manifest.json: split '{split}' was not written in format "
-                        f"'{cfg.format}'; set data.format to one of {have} "
-                        f"or rebuild with make shards FORMATS='wds ffcv'")
-    if int(entry["num_samples"]) < 1:
-        raise DataError(f"{cfg.root}/manifest.json: split '{split}' is empty; rebuild the shards")
-    return entry
+    message: str
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -69,25 +49,25 @@ def _worker_init(_worker_id: int) -> None:
 class _Batches(torch.utils.data.IterableDataset):
     """Worker w of K yields batches w, w+K, ... of `plan` (see module docstring)."""
 
-    def __init__(self, source, plan, num_batches: int):
-        self.source, self.plan, self.num_batches = source, plan, num_batches
+    def __init__(self, format_batches, plan, num_batches: int):
+        self.format_batches, self.plan, self.num_batches = format_batches, plan, num_batches
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, k = (info.id, info.num_workers) if info is not None else (0, 1)
         try:
-            yield from self.source.batches(self.plan, range(w, self.num_batches, k))
+            yield from self.format_batches.batches(self.plan, range(w, self.num_batches, k))
         except DataError as e:
             if info is None:
                 raise
-            yield (-1, str(e), None, 0)  # re-raised by _stream as a one-line DataError, no worker traceback
+            yield WorkerError(str(e))
 
 
-def _stream(source, plan, num_batches: int, cfg: DataConfig, device: torch.device):
+def _stream(format_batches, plan, num_batches: int, cfg: DataConfig, device: torch.device):
     """(b, images, labels, skipped) for b = 0..num_batches-1, in order."""
     if num_batches == 0:
         return
-    dataset = _Batches(source, plan, num_batches)
+    dataset = _Batches(format_batches, plan, num_batches)
     workers = min(cfg.workers, num_batches)
     if workers == 0:
         yield from dataset
@@ -97,8 +77,8 @@ def _stream(source, plan, num_batches: int, cfg: DataConfig, device: torch.devic
         dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=cfg.prefetch,
         worker_init_fn=_worker_init, multiprocessing_context="fork")
     for item in loader:
-        if item[0] == -1:
-            raise DataError(item[1])
+        if isinstance(item, WorkerError):
+            raise DataError(item.message)
         yield item
 
 
@@ -109,25 +89,14 @@ class TrainLoader:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
-        manifest = read_manifest(cfg.root)
-        entry = _split_entry(manifest, cfg, "train")
-        self.num_classes = len(manifest["classes"])
-        self.num_samples = int(entry["num_samples"])
+        contents = manifest.read(cfg.root)
+        section = manifest.split_section(contents, cfg.root, "train", cfg.format)
+        self.num_classes = len(contents["classes"])
+        self.num_samples = int(section["num_samples"])
         self.augment = TrainAugment(cfg)
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=True)
-        self.blocks = None
-        if cfg.format == "wds":
-            from pipeline.data.wds_loader import ShardSet, WdsTrainSource
-
-            shards = ShardSet(cfg.root, "train", entry["wds"]["shards"])
-            self.blocks = shards.blocks()
-            self.source = WdsTrainSource(shards, self.augment, cfg.skip_bad)
-        else:
-            from pipeline.data.ffcv_loader import FfcvReader, FfcvTrainSource
-
-            beton = FfcvReader(cfg.root, "train", entry["ffcv"])
-            self.source = FfcvTrainSource(beton, self.augment, cfg.skip_bad, cfg.batch_size,
-                                          cfg.repeated_aug, cfg.seed)
+        self.blocks, self.format_batches = FORMATS[cfg.format].load_module().train_batches(
+            cfg, section[cfg.format], self.augment)
         if len(self) == 0:
             raise DataError(f"train split has {self.num_samples} samples, fewer than one global batch "
                             f"({world_size} ranks x data.batch_size={cfg.batch_size}); lower data.batch_size")
@@ -177,7 +146,8 @@ class TrainLoader:
     def __iter__(self):
         plan = self.plan()
         cuda = self.device.type == "cuda"
-        for b, images, labels, skipped in _stream(self.source, plan, plan.num_batches, self.cfg, self.device):
+        batches = _stream(self.format_batches, plan, plan.num_batches, self.cfg, self.device)
+        for b, images, labels, skipped in batches:
             if skipped:
                 self.skipped += skipped
                 log.warning("rank %d: %d undecodable images replaced so far", self.rank, self.skipped)
@@ -198,33 +168,25 @@ class ValLoader:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.device = cfg, torch.device(device)
-        manifest = read_manifest(cfg.root)
-        entry = _split_entry(manifest, cfg, "val")
-        self.num_classes = len(manifest["classes"])
-        self.num_samples = int(entry["num_samples"])  # whole split, all ranks
+        contents = manifest.read(cfg.root)
+        section = manifest.split_section(contents, cfg.root, "val", cfg.format)
+        self.num_classes = len(contents["classes"])
+        self.num_samples = int(section["num_samples"])  # whole split, all ranks
         share = val_range(self.num_samples, rank, world_size)
         self.rank_samples = len(share)
         b = cfg.batch_size
-        self.plan = [np.arange(i, min(i + b, share.stop)) for i in range(share.start, share.stop, b)]
+        self.batch_indices = [np.arange(i, min(i + b, share.stop)) for i in range(share.start, share.stop, b)]
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=False)
-        if cfg.format == "wds":
-            from pipeline.data.wds_loader import ShardSet, WdsValSource
-
-            self.source = WdsValSource(ShardSet(cfg.root, "val", entry["wds"]["shards"]), ValAugment(cfg),
-                                       cfg.skip_bad)
-        else:
-            from pipeline.data.ffcv_loader import FfcvReader, FfcvValSource
-
-            self.source = FfcvValSource(FfcvReader(cfg.root, "val", entry["ffcv"]), cfg.eval_img_size,
-                                        cfg.crop_pct, cfg.skip_bad, b)
+        self.format_batches = FORMATS[cfg.format].load_module().val_batches(cfg, section[cfg.format])
         self.skipped = 0
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.batch_indices)
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
-        batches = _stream(self.source, self.plan, len(self.plan), self.cfg, self.device)
+        batches = _stream(self.format_batches, self.batch_indices, len(self.batch_indices), self.cfg,
+                          self.device)
         for _, images, labels, skipped in batches:
             self.skipped += skipped
             images = torch.as_tensor(images).to(self.device, non_blocking=cuda)

@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from pipeline.data.sources import DataError
+from pipeline.data.errors import DataError
 
 FFCV_DEFAULTS = {"write_mode": "jpg", "max_resolution": 512, "jpeg_quality": 90, "compress_probability": 0.5,
                  "page_size": 1 << 23}

@@ -2,7 +2,7 @@
 
 Each class is a visually distinct pattern (a shape, a colour and a texture, drawn at a random place,
 size and angle on a random background), so a tiny model learns it in minutes on a CPU; it is the
-demo's dataset. The same images are written in every layout `pipeline.data.sources` reads:
+demo's dataset. The same images are written in every layout `pipeline.data.convert.imagenet` reads:
 
     OUT/folders/   train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG
     OUT/archives/  ILSVRC2012_img_train.tar (nested <wnid>.tar), ILSVRC2012_img_val.tar (flat),
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data import sources
+from pipeline.data.convert import imagenet as sources
 
 LAYOUTS = ("folders", "archives", "flat-val", "kaggle")
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "star")

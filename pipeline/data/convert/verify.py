@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -21,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.shards import default_workers, sha256_file
-from pipeline.data.sources import DataError
+from pipeline.data import manifest
+from pipeline.data.convert.outputs import sha256_file
+from pipeline.data.convert.shards import default_workers
+from pipeline.data.errors import DataError
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -158,11 +159,11 @@ def _wds(out: Path, split: str, s: dict, num_classes: int, pool, problems: list[
 def verify(out: str | os.PathLike, workers: int | None = None, log=print) -> dict:
     """Check `out` (see module docstring); raise DataError listing every problem found."""
     out = Path(out)
+    contents = manifest.read(out, setting="OUT")
     try:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        classes, splits = manifest["classes"], manifest["splits"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{out / 'manifest.json'} is missing or unreadable ({e}): run make shards") from e
+        classes, splits = contents["classes"], contents["splits"]
+    except KeyError as e:
+        raise DataError(f"{manifest.path(out)} has no {e} entry: run make shards again") from None
     workers = workers or default_workers()
     problems: list[str] = []
     stats = {}
@@ -207,7 +208,7 @@ def verify(out: str | os.PathLike, workers: int | None = None, log=print) -> dic
                         "same options to redo damaged files")
     log(f"verify-shards: {out} is complete: " + ", ".join(f"{n} {s} samples" for s, n in stats.items())
         + f", {len(classes)} classes; every checksum, key, label and image checked")
-    return manifest
+    return contents
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

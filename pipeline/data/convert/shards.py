@@ -22,12 +22,9 @@ import argparse
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
-import re
 import sys
-import tarfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -35,16 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.shard_ffcv import FFCV_DEFAULTS, WRITE_MODES
-from pipeline.data.sources import DataError, Entry, Source, detect, read_entry
+from pipeline.data import manifest
+from pipeline.data.convert.beton import FFCV_DEFAULTS, WRITE_MODES
+from pipeline.data.convert.encode import REENCODE_QUALITY, Rejected, init_worker, process_chunk
+from pipeline.data.convert.imagenet import ImageNetInput, InputFile, detect
+from pipeline.data.convert.outputs import finished, fsync_dir, sha256_file, write_json
+from pipeline.data.convert.tar import TarWriter
+from pipeline.data.errors import DataError
 
 FORMATS = ("wds", "ffcv")
 SPLITS = ("train", "val")
 CHUNK = 16  # samples per worker task
-REENCODE_QUALITY = 95  # CMYK JPEGs, and --max-side without --quality
-TAR_MTIME = 0
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -52,118 +51,16 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-# ---------------------------------------------------------------- per-sample work (in workers)
-
-def _decode(data: bytes, full: bool = True) -> tuple[Image.Image | None, str | None]:
-    """(decoded image, None) or (None, reason it is rejected).
-
-    With `full=False` a JPEG is decoded at 1/8 scale (libjpeg's DCT scaling): every byte of the
-    compressed data is still Huffman-decoded, so truncated and corrupt files fail the same way,
-    at a fraction of the cost. Copy mode needs no pixels, only that the file decodes."""
-    if not data:
-        return None, "zero-byte file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except UnidentifiedImageError:
-        return None, "undecodable: not an image format Pillow knows"
-    except Exception as e:
-        return None, f"{'truncated' if 'truncated' in str(e).lower() else 'undecodable'}: {_why(e)}"
-    try:
-        im = Image.open(io.BytesIO(data))
-        if not full and im.format == "JPEG":
-            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-        im.load()
-    except Exception as e:
-        return None, f"truncated or corrupt: {_why(e)}"
-    if im.format not in ("JPEG", "PNG"):
-        return None, f"unsupported image format {im.format}"
-    return im, None
-
-
-def _why(e: Exception) -> str:
-    return f"{type(e).__name__}: " + re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
-
-
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _wds_payload(data: bytes, im: Image.Image, opts: dict) -> tuple[str, bytes, str | None]:
-    """(extension, bytes, note on any change) of the image as stored in the WebDataset shard."""
-    max_side, quality = opts["max_side"], opts["quality"]
-    too_big = max_side is not None and max(im.size) > max_side
-    if too_big or quality is not None:
-        rgb = im.convert("RGB")
-        if too_big:
-            scale = max_side / max(im.size)
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return "jpg", _jpeg(rgb, quality or REENCODE_QUALITY), None
-    if im.format == "PNG":
-        return "png", data, None
-    if im.mode not in ("RGB", "L"):
-        note = f"{im.mode} JPEG re-encoded as RGB JPEG (quality {REENCODE_QUALITY})"
-        with Image.open(io.BytesIO(data)) as full:  # `im` may be a reduced-size decode
-            return "jpg", _jpeg(full.convert("RGB"), REENCODE_QUALITY), note
-    return "jpg", data, None
-
-
-_FIELDS: dict = {}  # per worker process: FFCV settings -> RGBImageField
-
-
-def _ffcv_payload(im: Image.Image, key: str, opts: dict):
-    from pipeline.data import shard_ffcv
-
-    settings = tuple(sorted(opts["ffcv"].items()))
-    field = _FIELDS.get(settings)
-    if field is None:
-        field = _FIELDS[settings] = shard_ffcv.fields(opts["ffcv"])["image"]
-    rgb = np.asarray(im.convert("RGB"))
-    return shard_ffcv.encode_image(field, rgb, shard_ffcv.sample_seed(opts["seed"], key))
-
-
-def _init_worker() -> None:
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def process_chunk(entries: list[Entry], want_wds: bool, want_ffcv: bool, opts: dict) -> list[tuple]:
-    """Per entry: ("ok", ext, wds bytes, ffcv tuple, note) or ("rejected", reason)."""
-    out = []
-    full = want_ffcv or opts["max_side"] is not None or opts["quality"] is not None
-    for e in entries:
-        try:
-            data = read_entry(e)
-        except OSError as err:
-            out.append(("rejected", f"unreadable: {err.strerror or err}"))
-            continue
-        im, reason = _decode(data, full)
-        if im is None:
-            out.append(("rejected", reason))
-            continue
-        ext, wds_bytes, note = _wds_payload(data, im, opts) if want_wds else (None, None, None)
-        ffcv = _ffcv_payload(im, e.key, opts) if want_ffcv else None
-        out.append(("ok", ext, wds_bytes, ffcv, note))
-    return out
-
-
 # ---------------------------------------------------------------- planning
 
 @dataclass
 class Shard:
     name: str
-    entries: list[Entry]
+    entries: list[InputFile]
     plan: str  # hash of what determines the shard's bytes
 
 
-def plan_split(split: str, entries: list[Entry], opts: dict) -> tuple[list[Entry], list[Shard], str]:
+def plan_split(split: str, entries: list[InputFile], opts: dict) -> tuple[list[InputFile], list[Shard], str]:
     """(entries in the seeded global permutation, WebDataset shards, plan hash of the .beton)."""
     ordered = sorted(entries, key=lambda e: e.key)
     for a, b in zip(ordered, ordered[1:], strict=False):
@@ -190,111 +87,11 @@ def plan_split(split: str, entries: list[Entry], opts: dict) -> tuple[list[Entry
     return order, out, _plan_hash(order, ffcv_opts)
 
 
-def _plan_hash(entries: list[Entry], opts: dict) -> str:
+def _plan_hash(entries: list[InputFile], opts: dict) -> str:
     h = hashlib.sha256(json.dumps(opts, sort_keys=True).encode())
     for e in entries:
         h.update(f"{e.key}\t{e.label}\t{e.size}\t{e.path}\n".encode())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- output files
-
-class HashingFile:
-    """A file opened for writing under a temporary name, hashed as written; `commit()` renames it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.sha.update(data)
-        self.bytes += len(data)
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
-
-    def abort(self) -> None:
-        try:
-            self.file.close()  # flushing may fail again (disk full): the file goes anyway
-        except OSError:
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-
-class TarWriter(HashingFile):
-    """A WebDataset shard with fixed member metadata, so its bytes depend only on its samples."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.num_samples = 0
-
-    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
-        self._member(f"{key}.{ext}", data)
-        self._member(f"{key}.cls", str(label).encode("ascii"))
-        self.num_samples += 1
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid = len(data), TAR_MTIME, 0o644, 0, 0
-        info.uname = info.gname = ""
-        self.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-        self.write(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self.write(bytes(tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-
-    def commit(self) -> None:
-        end = self.bytes + 2 * tarfile.BLOCKSIZE
-        self.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
-        super().commit()
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomically write `obj` as UTF-8 JSON with sorted keys and indent 2."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _finished(out: Path, rel: str, plan: str) -> dict | None:
-    """The record of `rel` if that file is complete for `plan` and its bytes still match."""
-    record_path = out / ".state" / (Path(rel).name + ".json")
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return None
-    path = out / rel
-    if record.get("plan") != plan or not path.is_file() or path.stat().st_size != record.get("bytes"):
-        return None
-    return record if sha256_file(path) == record.get("sha256") else None
 
 
 # ---------------------------------------------------------------- the run
@@ -302,7 +99,7 @@ def _finished(out: Path, rel: str, plan: str) -> dict | None:
 @dataclass
 class SplitJob:
     split: str
-    order: list[Entry]
+    order: list[InputFile]
     shards: list[Shard]
     ffcv_plan: str
     records: dict[str, dict]  # finished file name -> record
@@ -348,25 +145,25 @@ def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side,
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise DataError(f"--workers {workers}: give at least 1 (default: all cores)")
-    source = detect(src, classes)
+    inputs = detect(src, classes)
     lock = _prepare_out(out, formats)
     try:
-        return _write_locked(source, out, formats, workers, opts, allow_bad, progress, log)
+        return _write_locked(inputs, out, formats, workers, opts, allow_bad, progress, log)
     finally:
         lock.close()
 
 
-def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, allow_bad: int, progress,
-                  log) -> dict:
+def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts: dict, allow_bad: int,
+                  progress, log) -> dict:
     jobs = []
     for split in SPLITS:
-        order, shards, ffcv_plan = plan_split(split, source.splits[split], opts)
+        order, shards, ffcv_plan = plan_split(split, inputs.splits[split], opts)
         records = {}
         if "wds" in formats:
             for s in shards:
-                if (r := _finished(out, f"wds/{s.name}", s.plan)) is not None:
+                if (r := finished(out, f"wds/{s.name}", s.plan)) is not None:
                     records[s.name] = r
-        if "ffcv" in formats and (r := _finished(out, f"ffcv/{split}.beton", ffcv_plan)) is not None:
+        if "ffcv" in formats and (r := finished(out, f"ffcv/{split}.beton", ffcv_plan)) is not None:
             records[f"{split}.beton"] = r
         todo = {s.name for s in shards if "wds" in formats and s.name not in records}
         need_ffcv = "ffcv" in formats and f"{split}.beton" not in records
@@ -376,12 +173,12 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
         len(s.entries) for j in jobs for s in j.shards if j.need_ffcv or s.name in j.todo_wds
     )
     skipped = sum(len(j.records) for j in jobs)
-    log(f"shards: {source.layout} layout at {source.path}: {len(source.classes)} classes, "
+    log(f"shards: {inputs.layout} layout at {inputs.path}: {len(inputs.classes)} classes, "
         + ", ".join(f"{len(j.order)} {j.split} files" for j in jobs)
         + f"; {skipped} output files already complete, {todo_samples} images to process"
         + f" with {workers} workers")
     if todo_samples:  # OUT is about to change: no manifest until it is complete again
-        (out / "manifest.json").unlink(missing_ok=True)
+        manifest.path(out).unlink(missing_ok=True)
     if "ffcv" in formats and todo_samples:
         import ffcv.fields  # noqa: F401 (seconds to import: once here, inherited by the forked workers)
     start = time.monotonic()
@@ -392,18 +189,18 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
         tqdm.monitor_interval = 0
         bar = tqdm(total=todo_samples, unit="img", desc="shards", dynamic_ncols=True, smoothing=0.05)
     try:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
             for job in jobs:
-                _run_split(job, out, opts, pool, workers, bar, source.path)
+                _run_split(job, out, opts, pool, workers, bar, inputs.path)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.monotonic() - start
 
-    manifest = _manifest(source, jobs, formats, opts, allow_bad)
+    contents = _manifest(inputs, jobs, formats, opts, allow_bad)
     _remove_stale(out, jobs, formats)
-    rejected = [r for j in jobs for r in manifest["splits"][j.split]["rejected"]]
-    _summary(manifest, todo_samples, elapsed, log)
+    rejected = [r for j in jobs for r in contents["splits"][j.split]["rejected"]]
+    _summary(contents, todo_samples, elapsed, log)
     if len(rejected) > allow_bad:
         write_json(out / "rejected.json", rejected)
         raise DataError(
@@ -412,8 +209,8 @@ def _write_locked(source: Source, out: Path, formats, workers: int, opts: dict, 
             f"--allow-bad {len(rejected)} (finished files are kept)"
         )
     (out / "rejected.json").unlink(missing_ok=True)
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    write_json(manifest.path(out), contents)
+    return contents
 
 
 def _check_ffcv(settings: dict) -> None:
@@ -455,7 +252,7 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
     """Process the samples this split still needs, in plan order, and write its unfinished files."""
     beton = None
     if job.need_ffcv:
-        from pipeline.data import shard_ffcv
+        from pipeline.data.convert import beton as shard_ffcv
 
         beton = shard_ffcv.BetonWriter(str(out / "ffcv" / f"{job.split}.beton.tmp"), opts["ffcv"],
                                        capacity=len(job.order))
@@ -472,19 +269,18 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
             if want_wds and tar is None:
                 tar, rejected, converted = TarWriter(out / "wds" / shard.name), [], []
             for e, r in zip(shard.entries[lo:hi], results, strict=True):
-                if r[0] == "rejected":
-                    item = {"path": _display(e.path, src), "reason": r[1]}
+                if isinstance(r, Rejected):
+                    item = {"path": _display(e.path, src), "reason": r.reason}
                     ffcv_rejected.append(item)
                     if want_wds:
                         rejected.append(item)
                     continue
-                _, ext, data, ffcv, note = r
                 if want_wds:
-                    tar.add(e.key, ext, data, e.label)
-                    if note:
-                        converted.append({"path": _display(e.path, src), "reason": note})
+                    tar.add(e.key, r.ext, r.wds, e.label)
+                    if r.note:
+                        converted.append({"path": _display(e.path, src), "reason": r.note})
                 if beton is not None:
-                    beton.add(ffcv, e.label)
+                    beton.add(r.ffcv, e.label)
             if bar is not None:
                 bar.update(hi - lo)
             if want_wds and hi == len(shard.entries):
@@ -496,7 +292,7 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
             beton.close()
             path = out / "ffcv" / f"{job.split}.beton"
             os.replace(beton.path, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             job.records[path.name] = _record(out, path.name, job.ffcv_plan, beton.count, path.stat().st_size,
                                              sha256_file(path), ffcv_rejected, [])
             beton = None
@@ -533,7 +329,7 @@ def _record(out: Path, name: str, plan: str, num_samples: int, size: int, sha256
     return record
 
 
-def _manifest(source: Source, jobs: list[SplitJob], formats, opts: dict, allow_bad: int) -> dict:
+def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, allow_bad: int) -> dict:
     splits = {}
     for job in jobs:
         entry: dict = {"files_found": len(job.order)}
@@ -563,10 +359,9 @@ def _manifest(source: Source, jobs: list[SplitJob], formats, opts: dict, allow_b
                 raise RuntimeError(f"{job.split}: {fmt} holds {got} samples, expected {entry['num_samples']}")
         splits[job.split] = entry
     options = {"formats": list(formats), "seed": opts["seed"], "shard_bytes": opts["shard_bytes"],
-               "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(source.classes),
+               "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(inputs.classes),
                "allow_bad": allow_bad, **{f"ffcv_{k}": v for k, v in opts["ffcv"].items()}}
-    return {"format_version": 1, "classes": source.classes, "options": options, "source": source.describe(),
-            "splits": splits}
+    return manifest.build(inputs.classes, options, inputs.describe(), splits)
 
 
 def _remove_stale(out: Path, jobs: list[SplitJob], formats) -> None:
@@ -582,10 +377,10 @@ def _remove_stale(out: Path, jobs: list[SplitJob], formats) -> None:
             p.unlink()
 
 
-def _summary(manifest: dict, processed: int, elapsed: float, log) -> None:
+def _summary(contents: dict, processed: int, elapsed: float, log) -> None:
     rate = processed / elapsed if elapsed > 0 else 0.0
     log(f"shards: processed {processed} images in {elapsed:.1f} s ({rate:.0f} images/s)")
-    for split, s in manifest["splits"].items():
+    for split, s in contents["splits"].items():
         parts = [f"{s['num_samples']} written", f"{len(s['rejected'])} rejected", f"{s['files_found']} found"]
         if "wds" in s:
             parts.append(f"wds {len(s['wds']['shards'])} shards {s['wds']['bytes'] / 1e6:.1f} MB")
@@ -645,5 +440,5 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"shards: wrote {Path(args.out) / 'manifest.json'}")
+    print(f"shards: wrote {manifest.path(args.out)}")
     return 0

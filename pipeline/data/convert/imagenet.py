@@ -26,7 +26,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.data.errors import DataError
 
 WNID_RE = re.compile(r"^n\d{8}$")
 VAL_KEY_RE = re.compile(r"^ILSVRC2012_val_(\d{8})$")
@@ -47,12 +47,8 @@ EXPECTED = (
 )
 
 
-class DataError(InputError):
-    """Bad input or output for the data commands; the message says what is wrong and how to fix it."""
-
-
 @dataclass(frozen=True)
-class Entry:
+class InputFile:
     """One input file. `archive` is None for a plain file at `path`; otherwise the image is the
     `size` bytes at byte `offset` of the tar file `archive`, and `path` only names it for humans."""
 
@@ -65,18 +61,18 @@ class Entry:
 
 
 @dataclass
-class Source:
+class ImageNetInput:
     path: str
     layout: str
     labels_from: str
     classes: list[str]
-    splits: dict[str, list[Entry]] = field(default_factory=dict)
+    splits: dict[str, list[InputFile]] = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"path": self.path, "layout": self.layout, "labels": self.labels_from}
 
 
-def read_entry(entry: Entry, _fds: dict[str, int] = {}) -> bytes:  # noqa: B006 (per-process fd cache)
+def read_input(entry: InputFile, _fds: dict[str, int] = {}) -> bytes:  # noqa: B006 (per-process fd cache)
     """The encoded bytes of one input file."""
     if entry.archive is None:
         with open(entry.path, "rb") as f:
@@ -90,7 +86,7 @@ def read_entry(entry: Entry, _fds: dict[str, int] = {}) -> bytes:  # noqa: B006 
     return data
 
 
-def detect(src: str | os.PathLike, expected_classes: int = 1000) -> Source:
+def detect(src: str | os.PathLike, expected_classes: int = 1000) -> ImageNetInput:
     """Recognise the layout of `src` and list every input file of both splits."""
     root = Path(src)
     if not root.exists():
@@ -133,11 +129,11 @@ def _is_flat(d: Path) -> bool:
     return d.is_dir() and any(p.is_file() and VAL_KEY_RE.match(p.stem) for p in d.iterdir())
 
 
-def _files(d: Path, label: int = 0) -> list[Entry]:
+def _files(d: Path, label: int = 0) -> list[InputFile]:
     """An entry per regular file in `d`, sorted by name (one stat per file: ImageNet has 1.3M)."""
     with os.scandir(d) as it:
         found = sorted((e.name, e.path, e.stat().st_size) for e in it if e.is_file())
-    return [Entry(key=Path(name).stem, label=label, path=path, size=size) for name, path, size in found]
+    return [InputFile(key=Path(name).stem, label=label, path=path, size=size) for name, path, size in found]
 
 
 def _class_dirs(d: Path) -> list[Path]:
@@ -148,7 +144,7 @@ def _class_dirs(d: Path) -> list[Path]:
     return dirs
 
 
-def _train_from_folders(base: Path) -> tuple[list[str], list[Entry]]:
+def _train_from_folders(base: Path) -> tuple[list[str], list[InputFile]]:
     dirs = _class_dirs(base / "train")
     classes = [d.name for d in dirs]
     entries = []
@@ -157,7 +153,7 @@ def _train_from_folders(base: Path) -> tuple[list[str], list[Entry]]:
     return classes, entries
 
 
-def _from_folders(root: Path, base: Path) -> Source:
+def _from_folders(root: Path, base: Path) -> ImageNetInput:
     classes, train = _train_from_folders(base)
     index = {w: i for i, w in enumerate(classes)}
     val = []
@@ -165,18 +161,18 @@ def _from_folders(root: Path, base: Path) -> Source:
         if d.name not in index:
             raise DataError(f"{d} is a class that train/ does not have: remove it or add train/{d.name}/")
         val += _files(d, index[d.name])
-    return Source(str(root), "folders", "folders", classes, {"train": train, "val": val})
+    return ImageNetInput(str(root), "folders", "folders", classes, {"train": train, "val": val})
 
 
-def _from_flat_val(root: Path, base: Path) -> Source:
+def _from_flat_val(root: Path, base: Path) -> ImageNetInput:
     classes, train = _train_from_folders(base)
     val_wnid, labels_from = _val_labels(root)
     val = _files(base / "val")
     val = _label_val(val, val_wnid, classes, labels_from)
-    return Source(str(root), "flat-val", labels_from, classes, {"train": train, "val": val})
+    return ImageNetInput(str(root), "flat-val", labels_from, classes, {"train": train, "val": val})
 
 
-def _from_archives(root: Path) -> Source:
+def _from_archives(root: Path) -> ImageNetInput:
     train_tar, val_tar = root / TRAIN_TAR, root / VAL_TAR
     per_class: dict[str, list[tuple[str, int, int]]] = {}
     with tarfile.open(train_tar, "r:") as outer:
@@ -193,23 +189,23 @@ def _from_archives(root: Path) -> Source:
                 ]
     classes = sorted(per_class)
     train = [
-        Entry(Path(name).stem, label, f"{train_tar}:{wnid}.tar:{name}", size, str(train_tar), offset)
+        InputFile(Path(name).stem, label, f"{train_tar}:{wnid}.tar:{name}", size, str(train_tar), offset)
         for label, wnid in enumerate(classes)
         for name, offset, size in sorted(per_class[wnid])
     ]
     with tarfile.open(val_tar, "r:") as t:
         val = [
-            Entry(Path(m.name).stem, 0, f"{val_tar}:{m.name}", m.size, str(val_tar), m.offset_data)
+            InputFile(Path(m.name).stem, 0, f"{val_tar}:{m.name}", m.size, str(val_tar), m.offset_data)
             for m in t
             if m.isfile()
         ]
     val.sort(key=lambda e: e.key)
     val_wnid, labels_from = _val_labels(root)
     val = _label_val(val, val_wnid, classes, labels_from)
-    return Source(str(root), "archives", labels_from, classes, {"train": train, "val": val})
+    return ImageNetInput(str(root), "archives", labels_from, classes, {"train": train, "val": val})
 
 
-def _label_val(entries: list[Entry], val_wnid: dict[str, str], classes: list[str], labels_from: str):
+def _label_val(entries: list[InputFile], val_wnid: dict[str, str], classes: list[str], labels_from: str):
     index = {w: i for i, w in enumerate(classes)}
     if len(val_wnid) != len(entries):
         raise DataError(
@@ -228,7 +224,7 @@ def _label_val(entries: list[Entry], val_wnid: dict[str, str], classes: list[str
                 f"label file ({labels_from}) gives {e.key} the class {wnid}, which train/ does not have: "
                 "use the matching label file"
             )
-        out.append(Entry(e.key, index[wnid], e.path, e.size, e.archive, e.offset))
+        out.append(InputFile(e.key, index[wnid], e.path, e.size, e.archive, e.offset))
     return out
 
 

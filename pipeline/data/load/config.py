@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.data.sources import DataError  # one error type for all data code
+from pipeline.data.errors import DataError
+from pipeline.data.formats import FORMATS
 
-__all__ = ["DataConfig", "DataError"]
-
-FORMATS = ("wds", "ffcv")
 INTERPOLATIONS = ("bicubic", "bilinear")
 ERASE_MODES = ("pixel", "rand", "const")
 
@@ -20,7 +18,7 @@ ERASE_MODES = ("pixel", "rand", "const")
 @dataclass
 class DataConfig:
     root: str = "shards/imagenet1k"  # OUT of `make shards` (holds manifest.json)
-    format: str = "wds"  # "wds" | "ffcv"
+    format: str = "wds"  # a name in pipeline.data.formats.FORMATS: "wds" | "ffcv"
     batch_size: int = 128  # per rank
     workers: int = 8  # loader processes per rank (0: load in the calling process)
     seed: int = 0

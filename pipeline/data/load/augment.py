@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.config import DataConfig
-from pipeline.data.sampler import STREAM_CROP, STREAM_ERASE, STREAM_MIX, STREAM_PIL, sample_keys, uniform
+from pipeline.data.load.config import DataConfig
+from pipeline.data.load.sampler import STREAM_CROP, STREAM_ERASE, STREAM_MIX, STREAM_PIL, sample_keys, uniform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

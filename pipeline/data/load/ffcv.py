@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, rrc_box, seeded_pil_rngs
-from pipeline.data.config import DataError
-from pipeline.data.sampler import STREAM_CROP, combine, uniform
-from pipeline.data.wds_loader import bad_sample, drop_bad, fill_bad
+from pipeline.data.errors import DataError
+from pipeline.data.load.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, rrc_box, seeded_pil_rngs
+from pipeline.data.load.sampler import STREAM_CROP, combine, uniform
+from pipeline.data.load.wds import bad_sample, drop_bad, fill_bad
 
 _SENTINEL = (7, 251, 13)  # RGB of a decode failure, written over the whole crop
 _LOADERS: dict[tuple, object] = {}  # FFCV reads the order at iter() time, so sharing is safe
@@ -59,7 +59,7 @@ def _jitted_hash():
 
     import numba
 
-    from pipeline.data import sampler
+    from pipeline.data.load import sampler
 
     mix = numba.njit(sampler.mix64)
     glb = {**sampler.__dict__, "mix64": mix}
@@ -211,8 +211,8 @@ def _run(loader, codes: np.ndarray):
         torch.set_num_threads(threads)
 
 
-class FfcvTrainSource:
-    """Produces this rank's train batches from the .beton, same contract as WdsTrainSource."""
+class FfcvTrainBatches:
+    """Produces this rank's train batches from the .beton, same contract as WdsTrainBatches."""
 
     def __init__(self, beton: FfcvReader, augment, skip_bad: bool, batch_size: int, repeats: int, seed: int):
         self.beton = beton
@@ -251,7 +251,7 @@ class FfcvTrainSource:
         return f"FFCV file {self.beton.name}, sample index {int(index)}"
 
 
-class FfcvValSource:
+class FfcvValBatches:
     """Val batches: center crop of crop_pct of the shorter side, INTER_AREA resize (FFCV's decoder)."""
 
     def __init__(self, beton: FfcvReader, size: int, crop_pct: float, skip_bad: bool, batch_size: int):
@@ -274,3 +274,14 @@ class FfcvValSource:
                     ok[j] = bad_sample(f"FFCV file {self.beton.name}, sample index {int(index)}",
                                        ValueError("JPEG decode failed"), self.skip_bad)
             yield (b, *drop_bad(images.copy(), self.beton.labels[indices], ok))
+
+
+def train_batches(cfg, section: dict, augment):
+    """(None: no blocks, train batch maker) of the split's ffcv manifest section."""
+    beton = FfcvReader(cfg.root, "train", section)
+    return None, FfcvTrainBatches(beton, augment, cfg.skip_bad, cfg.batch_size, cfg.repeated_aug, cfg.seed)
+
+
+def val_batches(cfg, section: dict):
+    beton = FfcvReader(cfg.root, "val", section)
+    return FfcvValBatches(beton, cfg.eval_img_size, cfg.crop_pct, cfg.skip_bad, cfg.batch_size)
