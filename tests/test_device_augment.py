@@ -34,7 +34,8 @@ def test_op_matches_timm_pil_op(name):
             ref = np.asarray(PARAMS.apply_pil(im, False, [i], [a]), np.int16)
             d = np.abs(o.permute(1, 2, 0).numpy().astype(np.int16) - ref)
             affine = name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-            assert d.mean() < (1.0 if affine else 0.05) and d.max() <= (12 if affine else 1), (a, d.mean(), d.max())
+            limit_mean, limit_max = (1.0, 12) if affine else (0.05, 1)
+            assert d.mean() < limit_mean and d.max() <= limit_max, (a, d.mean(), d.max())
 
 
 def test_two_layers_and_skips_on_a_batch_follow_the_drawn_parameters():

@@ -92,7 +92,8 @@ def _lut(name: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     if name == "SolarizeAdd":
         return torch.where(i < 128, (i + a.long()).clamp(max=255), i)
     hist = torch.zeros(n * 3, 256, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(1, x.reshape(n * 3, -1).long(), torch.ones_like(x.reshape(n * 3, -1), dtype=torch.int64))
+    flat = x.reshape(n * 3, -1).long()
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
     hist = hist.view(n, 3, 256)
     nz = hist > 0
     lo = torch.where(nz, i, 256).amin(-1, keepdim=True)
