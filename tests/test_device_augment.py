@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.aug_params import ParamSource
-from pipeline.data.augment import TrainAugment, ValAugment, resize
+from pipeline.data.augment import TrainAugment, ValAugment, resize, seeded_pil_rngs
 from pipeline.data.config import DataConfig
 from pipeline.data.device_augment import crop_resize, decode_batch, rand_augment, val_resize_crop
 from tests.test_augment import _jpeg
@@ -87,3 +87,23 @@ def test_train_crop_box_and_flip_match_the_cpu_path():
     for j in range(8):
         ref = today.pil_stage(today.decode_crop(data, us[j]), us[j, 22], 0, None).astype(np.float32)
         assert np.abs(x[j].permute(1, 2, 0).numpy() - ref).mean() < 4.0  # draft decode on the CPU path
+
+
+def test_whole_train_transform_distribution_matches_the_cpu_path():
+    """300 entries, same keys: per-channel mean within 1.5 levels and std within 3% of the CPU path's.
+    Per sample the paths differ by draft decoding (CPU path) and the affine ops' bicubic kernel."""
+    cfg = DataConfig(img_size=48)
+    params, today = ParamSource(cfg), TrainAugment(cfg)
+    datas = [_jpeg(320, 240, seed=s) for s in range(6)]
+    idx, rep = np.arange(300), np.zeros(300, np.int64)
+    p = params.draw(0, idx, rep, [240] * 300, [320] * 300)
+    fill = params.rand_augment.ops[0].kwargs["fillcolor"]
+    x = crop_resize(decode_batch([datas[j % 6] for j in idx], torch.device("cpu")), p.boxes, 48)
+    x = torch.where(torch.as_tensor(p.flips).view(-1, 1, 1, 1), x.flip(-1), x)
+    ours = rand_augment(x, p.ops, p.args, params.op_names, fill).permute(0, 2, 3, 1).numpy().astype(float)
+    us, keys = today.crop_boxes(0, idx, rep), today.pil_keys(0, idx, rep).tolist()
+    with seeded_pil_rngs() as seed:
+        ref = np.stack([today.pil_stage(today.decode_crop(datas[j % 6], us[j]), us[j, 22], keys[j], seed)
+                        for j in idx]).astype(np.float64)
+    assert np.abs(ours.mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.5
+    assert np.abs(ours.std((0, 1, 2)) / ref.std((0, 1, 2)) - 1).max() < 0.03
