@@ -1,0 +1,109 @@
+"""device_augment: each batched op against timm's PIL op for the same parameters, decode and val on CPU."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.aug_params import ParamSource
+from pipeline.data.augment import TrainAugment, ValAugment, resize, seeded_pil_rngs
+from pipeline.data.config import DataConfig
+from pipeline.data.device_augment import crop_resize, decode_batch, rand_augment, val_resize_crop
+from tests.test_augment import _jpeg
+
+PARAMS = ParamSource(DataConfig(img_size=64))
+ARGS = {"Rotate": [-27.0, 12.5], "ShearX": [-0.3, 0.17], "ShearY": [0.3, -0.05], "TranslateXRel": [-0.4, 0.2],
+        "TranslateYRel": [0.45, -0.1], "PosterizeIncreasing": [0, 2, 4], "SolarizeIncreasing": [0, 77, 256],
+        "SolarizeAdd": [0, 99], "AutoContrast": [0.0], "Equalize": [0.0], "Invert": [0.0]}
+
+
+@pytest.mark.parametrize("name", PARAMS.op_names)
+def test_op_matches_timm_pil_op(name):
+    """Lookup-table and blend ops are bit-exact (max difference 1 level: AutoContrast's float64 table vs
+    PIL's python float at an integer boundary). Affine ops: grid_sample's bicubic (a=-0.75) vs PIL's
+    transform (a=-1): mean < 1 level, max <= 12 levels at sharp edges."""
+    i = PARAMS.op_names.index(name)
+    fill = PARAMS.rand_augment.ops[i].kwargs["fillcolor"]
+    imgs = [Image.open(io.BytesIO(_jpeg(64, 64, seed=s))).convert("RGB") for s in range(3)]
+    x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in imgs])
+    for a in ARGS.get(name, [0.1, 0.55, 1.9]):
+        out = rand_augment(x, np.full((3, 1), i), np.full((3, 1), a), PARAMS.op_names, fill)
+        for im, o in zip(imgs, out, strict=True):
+            ref = np.asarray(PARAMS.apply_pil(im, False, [i], [a]), np.int16)
+            d = np.abs(o.permute(1, 2, 0).numpy().astype(np.int16) - ref)
+            affine = name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+            limit_mean, limit_max = (1.0, 12) if affine else (0.05, 1)
+            assert d.mean() < limit_mean and d.max() <= limit_max, (a, d.mean(), d.max())
+
+
+def test_two_layers_and_skips_on_a_batch_follow_the_drawn_parameters():
+    imgs = [Image.open(io.BytesIO(_jpeg(64, 64, seed=s))).convert("RGB") for s in range(16)]
+    x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in imgs])
+    p = PARAMS.draw(0, np.arange(16), np.zeros(16, np.int64), [64] * 16, [64] * 16)
+    fill = PARAMS.rand_augment.ops[0].kwargs["fillcolor"]
+    out = rand_augment(x, p.ops, p.args, PARAMS.op_names, fill)
+    for j, im in enumerate(imgs):
+        ref = np.asarray(PARAMS.apply_pil(im, False, p.ops[j], p.args[j]), np.int16)
+        assert np.abs(out[j].permute(1, 2, 0).numpy().astype(np.int16) - ref).mean() < 2.0
+
+
+def test_decode_crop_resize_matches_the_cpu_resize_and_handles_png_gray_cmyk():
+    data = _jpeg(320, 240, seed=1)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    buf = {}
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")):
+        b = io.BytesIO()
+        img.convert(mode).save(b, fmt)
+        buf[mode] = b.getvalue()
+    decoded = decode_batch([data, buf["L"], buf["CMYK"], buf["RGB"]], torch.device("cpu"))
+    assert all(d.shape == (3, 240, 320) and d.dtype == torch.uint8 for d in decoded)
+    assert torch.equal(decoded[3], torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    out = crop_resize(decoded[:1], np.array([[10, 20, 200, 150]]), 64)
+    ref = resize(img, (20, 10, 170, 210), (64, 64), "bicubic")
+    assert np.abs(out[0].permute(1, 2, 0).numpy().astype(int) - ref).mean() < 1.0  # libjpeg-turbo vs PIL
+
+
+def test_val_matches_the_cpu_val_path():
+    """The CPU val path decodes at reduced JPEG scale (draft) when it can; the device path decodes fully."""
+    cfg = DataConfig(eval_img_size=64, crop_pct=0.875)
+    for w, h in ((300, 200), (200, 500)):
+        data = _jpeg(w, h, seed=w)
+        ref = ValAugment(cfg)(data).astype(np.float32)
+        out = val_resize_crop(decode_batch([data], torch.device("cpu")), 64, 0.875)[0]
+        assert np.abs(out.permute(1, 2, 0).numpy() - ref).mean() < 2.0
+
+
+def test_train_crop_box_and_flip_match_the_cpu_path():
+    cfg = DataConfig(img_size=32, rand_augment="")
+    cfg.color_jitter = 0.0
+    data = _jpeg(300, 260, seed=5)
+    params, today = ParamSource(cfg), TrainAugment(cfg)
+    p = params.draw(0, np.arange(8), np.zeros(8, np.int64), [260] * 8, [300] * 8)
+    x = crop_resize(decode_batch([data] * 8, torch.device("cpu")), p.boxes, 32)
+    x = torch.where(torch.as_tensor(p.flips).view(-1, 1, 1, 1), x.flip(-1), x)
+    us = today.crop_boxes(0, np.arange(8), np.zeros(8, np.int64))
+    for j in range(8):
+        ref = today.pil_stage(today.decode_crop(data, us[j]), us[j, 22], 0, None).astype(np.float32)
+        assert np.abs(x[j].permute(1, 2, 0).numpy() - ref).mean() < 4.0  # draft decode on the CPU path
+
+
+def test_whole_train_transform_distribution_matches_the_cpu_path():
+    """300 entries, same keys: per-channel mean within 1.5 levels and std within 3% of the CPU path's.
+    Per sample the paths differ by draft decoding (CPU path) and the affine ops' bicubic kernel."""
+    cfg = DataConfig(img_size=48)
+    params, today = ParamSource(cfg), TrainAugment(cfg)
+    datas = [_jpeg(320, 240, seed=s) for s in range(6)]
+    idx, rep = np.arange(300), np.zeros(300, np.int64)
+    p = params.draw(0, idx, rep, [240] * 300, [320] * 300)
+    fill = params.rand_augment.ops[0].kwargs["fillcolor"]
+    x = crop_resize(decode_batch([datas[j % 6] for j in idx], torch.device("cpu")), p.boxes, 48)
+    x = torch.where(torch.as_tensor(p.flips).view(-1, 1, 1, 1), x.flip(-1), x)
+    ours = rand_augment(x, p.ops, p.args, params.op_names, fill).permute(0, 2, 3, 1).numpy().astype(float)
+    us, keys = today.crop_boxes(0, idx, rep), today.pil_keys(0, idx, rep).tolist()
+    with seeded_pil_rngs() as seed:
+        ref = np.stack([today.pil_stage(today.decode_crop(datas[j % 6], us[j]), us[j, 22], keys[j], seed)
+                        for j in idx]).astype(np.float64)
+    assert np.abs(ours.mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.5
+    assert np.abs(ours.std((0, 1, 2)) / ref.std((0, 1, 2)) - 1).max() < 0.03
