@@ -23,12 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import fake, shards  # noqa: E402
-from pipeline.data.aug_params import ParamSource  # noqa: E402
-from pipeline.data.augment import TrainAugment  # noqa: E402
-from pipeline.data.config import DataConfig  # noqa: E402
-from pipeline.data.loader import read_manifest  # noqa: E402
-from pipeline.data.wds_loader import ShardSet, WdsTrainSource  # noqa: E402
+from pipeline.data import manifest  # noqa: E402
+from pipeline.data.convert import fake, shards  # noqa: E402
+from pipeline.data.load.aug_params import ParamSource  # noqa: E402
+from pipeline.data.load.augment import TrainAugment  # noqa: E402
+from pipeline.data.load.config import DataConfig  # noqa: E402
+from pipeline.data.load.wds import ShardSet, WdsTrainBatches  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -61,11 +61,11 @@ def main() -> int:
         shards.write_shards(str(Path(tmp) / "src" / "folders"), root, classes=args.classes, progress=False,
                             log=lambda *a, **k: None)
         cfg = DataConfig(root=root, batch_size=args.batch, color_jitter=0.0).validate()
-        entry = read_manifest(root)["splits"]["train"]
+        entry = manifest.read(root)["splits"]["train"]
         shard_set = ShardSet(root, "train", entry["wds"]["shards"])
         n = shard_set.num_samples // args.batch * args.batch
         batches = np.arange(n).reshape(-1, args.batch)
-        today = WdsTrainSource(shard_set, TrainAugment(cfg), skip_bad=False)
+        today = WdsTrainBatches(shard_set, TrainAugment(cfg), skip_bad=False)
         params = ParamSource(cfg)
         result = {"bench": "device_data", "images": int(n), "batch": args.batch}
         runs = (("cpu_path", lambda b: today.produce(0, b, np.zeros(len(b), np.int64))),

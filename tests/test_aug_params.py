@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.aug_params import SKIP, ParamSource
-from pipeline.data.augment import RRC_LOG_RATIO, RRC_SCALE, TrainAugment, rrc_box, seeded_pil_rngs
-from pipeline.data.config import DataConfig, DataError
+from pipeline.data.errors import DataError
+from pipeline.data.load.aug_params import SKIP, ParamSource
+from pipeline.data.load.augment import RRC_LOG_RATIO, RRC_SCALE, TrainAugment, rrc_box, seeded_pil_rngs
+from pipeline.data.load.config import DataConfig
 
 
 def test_params_reproduce_the_cpu_path_bit_for_bit():

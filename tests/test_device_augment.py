@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.aug_params import ParamSource
-from pipeline.data.augment import TrainAugment, ValAugment, resize, seeded_pil_rngs
-from pipeline.data.config import DataConfig
-from pipeline.data.device_augment import crop_resize, decode_batch, rand_augment, val_resize_crop
+from pipeline.data.load.aug_params import ParamSource
+from pipeline.data.load.augment import TrainAugment, ValAugment, resize, seeded_pil_rngs
+from pipeline.data.load.config import DataConfig
+from pipeline.data.load.device_augment import crop_resize, decode_batch, rand_augment, val_resize_crop
 from tests.test_augment import _jpeg
 
 PARAMS = ParamSource(DataConfig(img_size=64))

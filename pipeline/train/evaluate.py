@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
     res = evaluate(model, loader, device, dtype)
     if res["count"] != loader.num_samples:
-        raise PipelineError(f"evaluated {res['count']} images but the validation set has {loader.num_samples}")
+        raise PipelineError(f"evaluated {res['count']} images but the validation set has "
+                            f"{loader.num_samples}")
     if env.rank == 0:
         print(json.dumps({"checkpoint": str(Path(args.checkpoint)), "ema": args.ema, **res}))
     return 0

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.data.augment import RRC_LOG_RATIO, RRC_SCALE, TrainAugment, rrc_box, seeded_pil_rngs
-from pipeline.data.config import DataConfig, DataError
+from pipeline.data.errors import DataError
+from pipeline.data.load.augment import RRC_LOG_RATIO, RRC_SCALE, TrainAugment, rrc_box, seeded_pil_rngs
+from pipeline.data.load.config import DataConfig
 
 SKIP = -1  # op index of a RandAugment layer whose `prob` test failed (the layer does nothing)
 _INT_ARG_OPS = frozenset({"Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize",
