@@ -86,7 +86,7 @@ def differences(dir_a: Path, dir_b: Path, ignore: tuple[str, ...] = ()) -> list[
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_process_zero_stage_learns(trainer, stage):
     # ZeRO-1 also runs gradient accumulation: 2 micro-batches of 4 per step, the same global batch
-    train = {"epochs": 3, "batch_size": 4, "grad_accum": 2} if stage == 1 else {"epochs": 3, "batch_size": 8}
+    train = {"epochs": 3, "global_batch": 16, "max_batch_per_device": 4 if stage == 1 else 8}
     config, run = trainer.config(f"zero{stage}", data=NO_AUG, train=train,
                                  optim={"lr": 8e-3, "lr_base_batch": 16, "warmup_epochs": 0.5},
                                  checkpoint={"every_steps": 0, "keep": 1},
