@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,37 @@ def test_a_world_size_that_cannot_divide_the_global_batch_is_one_line(capsys, wo
     err = capsys.readouterr().err.strip()
     assert f"train.global_batch=2048 is not divisible by the world size {world}" in err
     assert f"is {fits}" in err and "\n" not in err
+
+
+def _sbatch(script: Path) -> tuple[str, int]:
+    """(config, world size) of a launch script, read from its own header."""
+    text = script.read_text()
+    config = re.search(r"^RMT_DEFAULT_CONFIG=(\S+)$", text, re.M).group(1)
+    nodes, tasks = (int(re.search(rf"^#SBATCH --{key}=(\d+)$", text, re.M).group(1))
+                    for key in ("nodes", "ntasks-per-node"))
+    return config, nodes * tasks
+
+
+@pytest.mark.parametrize("script", sorted((CONFIGS.parent / "launch").glob("rmt_*.sh")), ids=lambda p: p.name)
+def test_launch_scripts_run_the_recipes_global_batch(script):
+    config, world = _sbatch(script)
+    cfg = load_config(CONFIGS.parent / config)
+    plan = plan_for(cfg, world)
+    assert plan.global_batch == cfg.train.global_batch == 2048
+    assert plan.micro_batch <= cfg.train.max_batch_per_device
+    assert "rmt_slurm_main" in script.read_text()  # whose header logs the plan (launch/common.sh)
+    assert 'rmt_log_batch_plan "$WORLD_SIZE"' in (CONFIGS.parent / "launch" / "common.sh").read_text()
+
+
+def test_schedule_command_prints_one_line_per_epoch(capsys):
+    assert main(["schedule", "--config", str(CONFIGS / "rmt_t.yaml"), "--world-size", "8",
+                 "data.root=/nonexistent", "train.epochs=20"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(20))
+    assert {(r["global_batch"], r["steps_per_epoch"], r["micro_batch"], r["grad_accum"]) for r in lines} == \
+        {(2048, 1281167 // 2048, 128, 2)}
+    assert lines[0]["lr"] == lines[1]["lr"] == 1e-6  # the official one-epoch lag
+    assert lines[6]["lr"] == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 5 / 20)))
+    assert main(["schedule", "--config", str(CONFIGS / "rmt_t.yaml"), "--plan", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("global batch 2048 = 8 ranks x 128 micro-batch x 2 accumulation; peak lr 0.002")

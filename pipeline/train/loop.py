@@ -27,7 +27,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import Config, ConfigError
 from pipeline.train.engine import peak_lr
 from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import MetricsWriter, max_memory_gb, mfu
+from pipeline.train.metrics import BestSoFar, MetricsWriter, max_memory_gb, mfu
 from pipeline.train.schedule import BatchPlan, lr_at
 from pipeline.train.trace import SampleTrace
 
@@ -158,6 +158,7 @@ class Trainer:
                               f"micro-batches (a skipped one would shift DeepSpeed's boundary): use 'stop' "
                               f"or raise train.max_batch_per_device")
         self.trace = SampleTrace(output_dir, self.rank) if cfg.data.trace else None
+        self.best = BestSoFar()
         self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank)
         self.pos = Position(world_size=self.world, micro_batch=plan.micro_batch)
         self.loader_state: dict | None = None
@@ -169,6 +170,7 @@ class Trainer:
     def restore(self, client_state: dict, rank_state: dict, ema_state: dict | None) -> None:
         old = client_state["position"]
         self.pos.step, self.pos.epoch = old["step"], old["epoch"]
+        self.best.state = dict(client_state.get("best", {}))
         # micro-batches of the epoch already done, at this world size and micro-batch, on an accumulation
         # boundary (the loader continues from the exact sample position; DeepSpeed counts micro-steps from
         # 0). With the global batch fixed, a step boundary there is a step boundary here.
@@ -209,7 +211,7 @@ class Trainer:
             raise TrainingError(f"non-finite weights at step {self.pos.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
-        client = {"position": self.pos.to_dict()}
+        client = {"position": self.pos.to_dict(), "best": self.best.state}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
         return ckpt.save(self.engine, self.ckpt_dir, self.pos.step, self.cfg, client, rank_state,
                          ema_state if self.rank == 0 else None,
@@ -319,7 +321,8 @@ class Trainer:
                     if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:
                         self.watchdog.enter(f"evaluation after epoch {self.pos.epoch}")
                         res = self.evaluate()
-                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res})
+                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res,
+                                      **self.best.update(self.pos.epoch, res)})
                 self.save()
                 window["t0"] = time.perf_counter()
         except RuntimeError as e:
