@@ -130,7 +130,8 @@ def test_the_papers_number_is_the_best_epoch_of_model_or_ema(tmp_path):
     assert fields[-1] == {"best_top1": 61.0, "best_top1_epoch": 2, "best_ema_top1": 62.0,
                           "best_ema_top1_epoch": 1, "paper_top1": 62.0, "paper_top1_epoch": 1,
                           "paper_top1_weights": "EMA"}
-    recs = [{**evaluation(10 * e, e, 0.0, e), **res, **f} for e, (res, f) in enumerate(zip(evals, fields, strict=True), 1)]
+    pairs = enumerate(zip(evals, fields, strict=True), start=1)
+    recs = [{**evaluation(10 * e, e, 0.0, e), **res, **f} for e, (res, f) in pairs]
     text = write_report(write_run(tmp_path / "run", [train(1, 0, 2.0, 0.5), *recs]))["summary"].read_text()
     assert "| EMA | 61.50 | " in text and "62.00 (1) |" in text
     assert "62.00 (EMA, epoch 1)" in text
