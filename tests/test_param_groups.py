@@ -39,3 +39,20 @@ def test_frozen_parameters_are_left_out():
     assert "head.bias" not in official_no_decay_names(model)
     groups = official_param_groups(model, 0.05)
     assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_the_trainers_optimizer_uses_the_official_groups():
+    """engine.build_optimizer: the layer scales of RMT-B are decayed, biases and norms are not."""
+    from pipeline.train.config import config_from_dict
+    from pipeline.train.engine import build_model, build_optimizer
+
+    cfg = config_from_dict({"model": {"name": "rmt_b", "num_classes": 10, "kwargs": {
+        "embed_dims": [16, 32, 64, 64], "depths": [1, 1, 1, 1], "num_heads": [2, 2, 4, 4]}}})
+    model = build_model(cfg)
+    groups = build_optimizer(cfg, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert undecayed == official_no_decay_names(model)
+    assert any("gamma_1" in n for n in decayed) and not any("gamma" in n for n in undecayed)
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05} and {g["lr"] for g in groups} == {2e-3}

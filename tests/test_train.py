@@ -260,8 +260,17 @@ def test_two_to_one_process_resume_keeps_the_recipe(trainer, tmp_path):
     a, b = weights(ref_run), weights(run)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    print(f"largest weight difference 2 processes vs 2 -> 1: {worst:.3g}")
-    assert worst < 1e-4, worst
+    rel = (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((a[k] ** 2).sum() for k in a)).item() ** 0.5
+    # the first update after the resume: its gradient differs only by the order of the fp32 sums
+    ref_m = {m["step"]: m for m in metrics(ref_run) if m["kind"] == "train"}
+    new_m = {m["step"]: m for m in metrics(run) if m["kind"] == "train"}
+    first = abs(new_m[stopped + 1]["grad_norm"] / ref_m[stopped + 1]["grad_norm"] - 1)
+    loss_gap = max(abs(new_m[s]["loss"] - ref_m[s]["loss"]) for s in ref_m)
+    print(f"2 processes vs 2 -> 1 after step {stopped}: grad norm of step {stopped + 1} {first:.2g} rel.; "
+          f"final weights largest difference {worst:.3g}, relative norm {rel:.3g}; loss gap {loss_gap:.3g}")
+    assert first < 1e-5, first
+    # 32 - stopped further AdamW steps amplify those roundings (m / sqrt(v) of near-zero gradients)
+    assert rel < 1e-2 and loss_gap < 1e-3, (worst, rel, loss_gap)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(trainer):
