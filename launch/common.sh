@@ -52,6 +52,14 @@ rmt_resolve_settings() {
   RMT_TRAIN_ARGS+=("$@")
 }
 
+# Log how the recipe's global batch is made at world size $1 (world x micro-batch x accumulation) and the
+# peak LR; a world size that cannot divide the global batch stops here, before srun. Run from $RMT_ROOT.
+rmt_log_batch_plan() {
+  local plan
+  plan=$("$PYTHON" -m pipeline schedule --plan --world-size "$1" "${RMT_TRAIN_ARGS[@]}" 2>&1) || rmt_fail "${plan#error: }"
+  rmt_log "batch: $plan"
+}
+
 # The checkpoint tag a start would resume from, or "none (fresh start)".
 rmt_resume_point() {
   local latest=$RUN_DIR/checkpoints/latest
@@ -145,6 +153,7 @@ rmt_slurm_main() {
   fi
 
   cd "$RMT_ROOT" || rmt_fail "cannot cd to $RMT_ROOT"
+  rmt_log_batch_plan "$WORLD_SIZE"
   local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
   # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")

@@ -24,6 +24,7 @@ rmt_log "config: $CONFIG; site setup: $RMT_SITE_SOURCED"
 rmt_log "run dir: $RUN_DIR"
 rmt_log "resume from: $(rmt_resume_point)"
 cd "$RMT_ROOT" || exit 2
+rmt_log_batch_plan "$NPROC"
 # torchrun must not turn Ctrl-C/SIGTERM into killing its workers: this script handles those.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
 signalled=0

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-shards": ("pipeline.data.convert.verify", "re-read shards: checksums, keys, labels, images"),
     "verify-checkpoint": ("pipeline.train.verify_checkpoint",
                           "check a run's checkpoints (sizes, sha256) without loading them"),
+    "schedule": ("pipeline.train.show_schedule",
+                 "a recipe's batch plan and LR per epoch (JSON lines) at a given world size"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
     "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),
 }

@@ -204,6 +204,16 @@ def _best(m: Metrics, key: str) -> dict | None:
     return max(rows, key=lambda r: float(r[key])) if rows else None
 
 
+def paper_number(evals: list[dict]) -> dict | None:
+    """The paper's top-1: the best over all evaluations of max(model, EMA), with its epoch and weights."""
+    best = None
+    for r in evals:
+        for weights, key in (("model", "top1"), ("EMA", "ema_top1")):
+            if key in r and not math.isnan(float(r[key])) and (best is None or float(r[key]) > best["top1"]):
+                best = {"top1": float(r[key]), "epoch": r["epoch"], "weights": weights}
+    return best
+
+
 def summary(m: Metrics, cfg: dict | None, run_dir: Path) -> str:
     lines = [f"# Run report: `{run_dir}`", ""]
     if cfg:
@@ -214,7 +224,8 @@ def summary(m: Metrics, cfg: dict | None, run_dir: Path) -> str:
                   f"{model.get('drop_path')})",
                   f"- data: {data.get('root')} ({data.get('format')}), train {data.get('img_size')} px, "
                   f"eval {data.get('eval_img_size')} px",
-                  f"- batch {train.get('batch_size')} per process x grad_accum {train.get('grad_accum')}, "
+                  f"- global batch {train.get('global_batch')} (at most {train.get('max_batch_per_device')} "
+                  f"per device), schedule {cfg.get('optim', {}).get('schedule')}, "
                   f"{train.get('epochs')} epochs, {train.get('precision')}, ZeRO-{ds.get('zero_stage')}, "
                   f"lr {cfg.get('optim', {}).get('lr')} at batch {cfg.get('optim', {}).get('lr_base_batch')}",
                   ""]
@@ -229,6 +240,10 @@ def summary(m: Metrics, cfg: dict | None, run_dir: Path) -> str:
             top1, top5 = float(final[prefix + "top1"]), float(final[prefix + "top5"])
             lines.append(f"| {name} | {top1:.2f} | {top5:.2f} | {float(best[prefix + 'top1']):.2f} "
                          f"({best['epoch']}) |")
+        paper = paper_number(m.eval)
+        if paper is not None:
+            lines += ["", f"**Paper's number** (best over epochs of max(model, EMA), as RMT reports top-1): "
+                          f"{paper['top1']:.2f} ({paper['weights']}, epoch {paper['epoch']})."]
         lines += ["", f"Final evaluation after epoch {final['epoch']} (step {final['step']})."]
     else:
         lines.append("No evaluation yet.")

@@ -39,8 +39,10 @@ class Trainer:
         cfg = {
             "output_dir": str(self.root / name), "seed": 0, "model": dict(self.MODEL),
             "data": {"root": str(self.shards), "img_size": 32, "eval_img_size": 32, "workers": 0},
-            "train": {"epochs": 2, "batch_size": 4, "precision": "bf16", "device": "cpu"},
-            "optim": {"lr": 2e-3, "lr_base_batch": 8, "warmup_epochs": 0.5},
+            "train": {"epochs": 2, "global_batch": 8, "max_batch_per_device": 4, "precision": "bf16",
+                      "device": "cpu"},
+            # per-step cosine: the official per-epoch curve would spend these 2-3 epochs at warmup_lr
+            "optim": {"lr": 2e-3, "lr_base_batch": 8, "warmup_epochs": 0.5, "schedule": "step"},
             "checkpoint": {"every_steps": 4, "keep": 2},
             "metrics": {"log_every": 1, "tensorboard": False, "progress": "lines"},
         }

@@ -13,7 +13,8 @@ import pytest
 TINY = [
     "model.kwargs={embed_dims: [16, 32, 64, 64], depths: [1, 1, 1, 1], num_heads: [2, 2, 4, 4], "
     "projection: 64}",
-    "data.img_size=32", "data.eval_img_size=32", "data.workers=0", "train.batch_size=4", "train.epochs=3",
+    "data.img_size=32", "data.eval_img_size=32", "data.workers=0", "train.global_batch=8",
+    "train.max_batch_per_device=4", "train.epochs=3",
     "checkpoint.every_steps=4", "metrics.log_every=1", "metrics.tensorboard=false", "optim.lr_base_batch=8",
 ]
 

@@ -34,8 +34,8 @@ def write_run(run: Path, records: list[dict], num_classes: int = 10) -> Path:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = {"model": {"name": "rmt_t", "num_classes": num_classes, "drop_path": 0.1},
            "data": {"root": "shards/demo", "format": "wds", "img_size": 64, "eval_img_size": 64},
-           "train": {"batch_size": 8, "grad_accum": 1, "epochs": 2, "precision": "bf16"},
-           "optim": {"lr": 5e-4, "lr_base_batch": 16}, "deepspeed": {"zero_stage": 2}}
+           "train": {"global_batch": 16, "max_batch_per_device": 8, "epochs": 2, "precision": "bf16"},
+           "optim": {"lr": 5e-4, "lr_base_batch": 16, "schedule": "step"}, "deepspeed": {"zero_stage": 2}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     return run
 
@@ -69,7 +69,8 @@ def test_plots_and_summary_of_a_resumed_run(tmp_path):
     # running time counts each start from its first to its last record, not the gap between them
     assert "first to last record: 1m 46s; while running: 0m 21s" in text
     assert "20 optimizer steps; state: finished" in text
-    assert "rmt_t (10 classes" in text and "ZeRO-2" in text
+    assert "rmt_t (10 classes" in text and "ZeRO-2" in text and "global batch 16" in text
+    assert "as RMT reports top-1): 70.00 (model, epoch 2)" in text and "**Paper's number**" in text
     for name in PLOTS:
         assert f"({name})" in text
 
@@ -117,3 +118,20 @@ def test_cli_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"report: {tmp_path / 'r' / 'summary.md'}"
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted([*PLOTS, "summary.md"])
+
+
+def test_the_papers_number_is_the_best_epoch_of_model_or_ema(tmp_path):
+    """As RMT-S: the EMA peaks before the end and above the model; the trainer's eval records say so too."""
+    from pipeline.train.metrics import BestSoFar
+
+    evals = [{"top1": 60.0, "ema_top1": 62.0}, {"top1": 61.0, "ema_top1": 61.5}]
+    best = BestSoFar()
+    fields = [best.update(epoch, res) for epoch, res in enumerate(evals, start=1)]
+    assert fields[-1] == {"best_top1": 61.0, "best_top1_epoch": 2, "best_ema_top1": 62.0,
+                          "best_ema_top1_epoch": 1, "paper_top1": 62.0, "paper_top1_epoch": 1,
+                          "paper_top1_weights": "EMA"}
+    pairs = enumerate(zip(evals, fields, strict=True), start=1)
+    recs = [{**evaluation(10 * e, e, 0.0, e), **res, **f} for e, (res, f) in pairs]
+    text = write_report(write_run(tmp_path / "run", [train(1, 0, 2.0, 0.5), *recs]))["summary"].read_text()
+    assert "| EMA | 61.50 | " in text and "62.00 (1) |" in text
+    assert "62.00 (EMA, epoch 1)" in text

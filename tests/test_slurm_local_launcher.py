@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "launch" / "local.sh"
 DEMO = REPO / "configs" / "demo.yaml"
 TINY_MODEL = "model.kwargs={embed_dims: [16, 32, 64, 64], depths: [1, 1, 2, 1], num_heads: [1, 1, 2, 2]}"
-OVERRIDES = [TINY_MODEL, "train.epochs=50", "train.batch_size=4", "model.num_classes=4", "data.img_size=32",
+OVERRIDES = [TINY_MODEL, "train.epochs=50", "train.global_batch=8", "train.max_batch_per_device=4",
+             "optim.schedule=step", "model.num_classes=4", "data.img_size=32",
              "data.eval_img_size=32", "train.eval_every_epochs=0", "metrics.log_every=1",
              "metrics.tensorboard=false", "data.workers=0", "checkpoint.every_steps=0"]
 

@@ -21,6 +21,7 @@ import yaml
 from pipeline.data.errors import DataError
 from pipeline.data.load.config import DataConfig
 from pipeline.errors import InputError
+from pipeline.train.schedule import SCHEDULES
 
 
 class ConfigError(InputError, ValueError):
@@ -31,7 +32,7 @@ class ConfigError(InputError, ValueError):
 class ModelConfig:
     name: str = "rmt_t"
     num_classes: int = 1000
-    drop_path: float = 0.1
+    drop_path: float | None = None  # null: the variant's own rate (rmt.py MODEL_ARGS: 0.1/0.15/0.4/0.5)
     drop_rate: float = 0.0
     # activation checkpointing: one flag for every stage, or one flag per stage
     grad_checkpointing: bool | list[bool] = False
@@ -52,14 +53,18 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: float = 0.0  # 0 = no clipping
+    # epoch: the official DeiT order (one LR per epoch, one epoch behind); step: cosine per optimizer update
+    schedule: str = "epoch"
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 300
     max_steps: int = 0  # 0 = no limit
-    batch_size: int = 128  # per rank, per micro-step
-    grad_accum: int = 1
+    # images per optimizer update, all ranks together (the recipe); each rank's micro-batch and the
+    # gradient accumulation are derived from it and the world size (schedule.batch_plan)
+    global_batch: int = 2048
+    max_batch_per_device: int = 128  # the largest micro-batch one device takes
     precision: str = "bf16"  # bf16 (torch autocast, fp32 weights) | fp16 (DeepSpeed loss scaling) | fp32
     device: str = "auto"  # auto | cpu | cuda
     sync_bn: bool = True  # only on CUDA (SyncBatchNorm needs an accelerator)
@@ -125,6 +130,15 @@ _CHOICES = {
     "metrics.progress": ("auto", "bar", "lines"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "checkpoint.start_over": ("no", "move", "delete"),
+    "optim.schedule": SCHEDULES,
+}
+
+# keys that were replaced: a config still using them gets the new name, not "unknown key"
+_REPLACED = {
+    "train.batch_size": "train.global_batch (all ranks, per update) and train.max_batch_per_device",
+    "train.grad_accum": "train.global_batch and train.max_batch_per_device (accumulation is derived)",
+    "data.batch_size": "train.global_batch and train.max_batch_per_device (the loader's batch is the "
+                       "derived micro-batch)",
 }
 
 
@@ -224,6 +238,10 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    for key, new in _REPLACED.items():
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict) and name in tree[section]:
+            raise ConfigError(f"config key '{key}' is gone: set {new}")
     cfg = _build(Config, tree, "")
     _check_values(cfg)
     return cfg
@@ -247,7 +265,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def _check_values(cfg: Config) -> None:
     positive = {
-        "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+        "train.global_batch": cfg.train.global_batch,
+        "train.max_batch_per_device": cfg.train.max_batch_per_device,
         "train.epochs": cfg.train.epochs, "checkpoint.keep": cfg.checkpoint.keep,
         "metrics.log_every": cfg.metrics.log_every,
         "train.collective_timeout_s": cfg.train.collective_timeout_s,
@@ -266,7 +285,7 @@ def _check_values(cfg: Config) -> None:
     for key, value in {"optim.min_lr": cfg.optim.min_lr, "optim.warmup_lr": cfg.optim.warmup_lr,
                        "optim.weight_decay": cfg.optim.weight_decay,
                        "optim.warmup_epochs": cfg.optim.warmup_epochs,
-                       "optim.clip_grad": cfg.optim.clip_grad, "model.drop_path": cfg.model.drop_path,
+                       "optim.clip_grad": cfg.optim.clip_grad, "model.drop_path": cfg.model.drop_path or 0.0,
                        "model.drop_rate": cfg.model.drop_rate}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
@@ -274,9 +293,6 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {cfg.ema.decay}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' needs two values, got {cfg.optim.betas}")
-    if cfg.train.nonfinite == "skip" and cfg.train.grad_accum != 1:
-        raise ConfigError("config key 'train.nonfinite': 'skip' needs train.grad_accum=1 (a skipped "
-                          "micro-batch would shift DeepSpeed's accumulation boundary); use 'stop'")
     for key in ("img_size", "eval_img_size"):
         value = getattr(cfg.data, key)
         if value % 32:
@@ -286,9 +302,6 @@ def _check_values(cfg: Config) -> None:
         cfg.data.validate()
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.batch_size != cfg.train.batch_size:
-        # one source of truth: the loader's batch is the trainer's micro-batch
-        cfg.data.batch_size = cfg.train.batch_size
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,4 +1,4 @@
-"""DeepSpeed engine: model construction, DeepSpeed config generated from ours, optimizer, LR schedule.
+"""DeepSpeed engine: model construction, batch plan, DeepSpeed config generated from ours, optimizer.
 
 Precision (decided on evidence, see README "Mixed precision and BatchNorm"): `train.precision=bf16`
 uses DeepSpeed's `torch_autocast` (fp32 weights, BatchNorm statistics and optimizer state; bf16
@@ -13,12 +13,12 @@ with dynamic loss scaling.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from pipeline.train.config import Config, ConfigError
+from pipeline.train.param_groups import official_param_groups
+from pipeline.train.schedule import BatchPlan, batch_plan
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -26,10 +26,11 @@ def build_model(cfg: Config) -> nn.Module:
 
     import pipeline.models  # noqa: F401  (registers rmt_* with timm)
 
+    # model.drop_path null: the variant's own rate (0.1/0.15/0.4/0.5, rmt.py MODEL_ARGS)
+    drop_path = {} if cfg.model.drop_path is None else {"drop_path_rate": cfg.model.drop_path}
     try:
         model = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                                  drop_path_rate=cfg.model.drop_path, drop_rate=cfg.model.drop_rate,
-                                  **cfg.model.kwargs)
+                                  drop_rate=cfg.model.drop_rate, **drop_path, **cfg.model.kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r} "
@@ -50,16 +51,27 @@ def build_model(cfg: Config) -> nn.Module:
     return model
 
 
-def global_batch(cfg: Config, world_size: int) -> int:
-    return cfg.train.batch_size * cfg.train.grad_accum * world_size
+def plan_for(cfg: Config, world_size: int) -> BatchPlan:
+    """The recipe's global batch split over `world_size` ranks (indivisible: a one-line InputError)."""
+    return batch_plan(cfg.train.global_batch, cfg.train.max_batch_per_device, world_size)
 
 
-def scaled_lr(cfg: Config, world_size: int) -> float:
-    return cfg.optim.lr * global_batch(cfg, world_size) / cfg.optim.lr_base_batch
+def peak_lr(cfg: Config) -> float:
+    """optim.lr scaled linearly from lr_base_batch to the global batch (the same at every world size)."""
+    return cfg.optim.lr * cfg.train.global_batch / cfg.optim.lr_base_batch
+
+
+def plan_line(cfg: Config, plan: BatchPlan) -> str:
+    """The launch header's and the trainer's first line: how the global batch is made, and the peak LR."""
+    return (f"global batch {plan.global_batch} = {plan.world_size} ranks x {plan.micro_batch} micro-batch x "
+            f"{plan.grad_accum} accumulation; peak lr {peak_lr(cfg):.4g} "
+            f"(optim.lr {cfg.optim.lr:g} x {plan.global_batch} / {cfg.optim.lr_base_batch}), "
+            f"schedule {cfg.optim.schedule}")
 
 
 def deepspeed_config(cfg: Config, world_size: int, device_type: str, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config, derived from ours (printed by `train --print-deepspeed-config`)."""
+    plan = plan_for(cfg, world_size)
     zero: dict = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage > 0:
         zero.update({
@@ -74,9 +86,9 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str, load_univer
         # for evaluation by writing each rank's partition
         zero["stage3_param_persistence_threshold"] = 0
     ds: dict = {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": global_batch(cfg, world_size),
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -103,24 +115,10 @@ def _merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def build_optimizer(cfg: Config, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-d parameters (norms, biases) and the model's no_weight_decay()."""
-    from timm.optim import param_groups_weight_decay
-
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size), betas=tuple(cfg.optim.betas),
-                             eps=cfg.optim.eps)
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """timm's cosine schedule with warmup, stepped per optimizer update (t_in_epochs=False)."""
-    from timm.scheduler import CosineLRScheduler
-
-    total = max(1, cfg.train.epochs * steps_per_epoch)
-    warmup = min(total - 1, math.ceil(cfg.optim.warmup_epochs * steps_per_epoch)) if total > 1 else 0
-    return CosineLRScheduler(optimizer, t_initial=total, lr_min=cfg.optim.min_lr, warmup_t=warmup,
-                             warmup_lr_init=cfg.optim.warmup_lr, t_in_epochs=False)
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the official decay groups (param_groups.py); the loop sets each group's LR per update."""
+    groups = official_param_groups(model, cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
 def initialize(cfg: Config, model: nn.Module, world_size: int, device: torch.device,
@@ -130,7 +128,7 @@ def initialize(cfg: Config, model: nn.Module, world_size: int, device: torch.dev
 
     if device.type == "cuda" and cfg.train.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(cfg, model, world_size)
+    optimizer = build_optimizer(cfg, model)
     ds_config = deepspeed_config(cfg, world_size, device.type, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from pipeline.errors import EXIT_FINISHED, EXIT_REQUEUE, PipelineError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import Config, ConfigError
+from pipeline.train.engine import peak_lr
 from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import MetricsWriter, max_memory_gb, mfu
+from pipeline.train.metrics import BestSoFar, MetricsWriter, max_memory_gb, mfu
+from pipeline.train.schedule import BatchPlan, lr_at
+from pipeline.train.trace import SampleTrace
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -117,20 +120,22 @@ class Position:
     """Where training stands; saved in the checkpoint's client state."""
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches done in `epoch`, at `world_size`
+    micro_in_epoch: int = 0  # micro-batches done in `epoch`, at `world_size` and `micro_batch`
     world_size: int = 1
+    micro_batch: int = 1
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "micro_batch": self.micro_batch}
 
 
 class Trainer:
-    def __init__(self, cfg: Config, engine, scheduler, ema, train_loader, val_loader, device: torch.device,
-                 output_dir: Path, flops_per_image: float, stop: StopFlag, run_id: str):
+    def __init__(self, cfg: Config, plan: BatchPlan, engine, optimizer, ema, train_loader, val_loader,
+                 device: torch.device, output_dir: Path, flops_per_image: float, stop: StopFlag, run_id: str):
         self.cfg = cfg
+        self.plan = plan
         self.engine = engine
-        self.scheduler = scheduler
+        self.optimizer = optimizer  # the client AdamW whose groups get the LR of each update
         self.ema = ema
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -142,13 +147,20 @@ class Trainer:
         self.run_id = run_id
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.accum = cfg.train.grad_accum
+        self.accum = plan.grad_accum
         self.steps_per_epoch = len(train_loader) // self.accum
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"an epoch has {len(train_loader)} micro-batches per rank, fewer than "
-                                f"train.grad_accum={self.accum}: lower train.batch_size or grad_accum")
+            raise ConfigError(f"the train split has {train_loader.num_samples} samples, fewer than "
+                              f"train.global_batch={plan.global_batch}: lower train.global_batch")
+        if cfg.train.nonfinite == "skip" and self.accum != 1:
+            raise ConfigError(f"config key 'train.nonfinite': 'skip' needs no gradient accumulation, but "
+                              f"{plan.global_batch} on {self.world} ranks accumulates {self.accum} "
+                              f"micro-batches (a skipped one would shift DeepSpeed's boundary): use 'stop' "
+                              f"or raise train.max_batch_per_device")
+        self.trace = SampleTrace(output_dir, self.rank) if cfg.data.trace else None
+        self.best = BestSoFar()
         self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank)
-        self.pos = Position(world_size=self.world)
+        self.pos = Position(world_size=self.world, micro_batch=plan.micro_batch)
         self.loader_state: dict | None = None
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
@@ -158,10 +170,12 @@ class Trainer:
     def restore(self, client_state: dict, rank_state: dict, ema_state: dict | None) -> None:
         old = client_state["position"]
         self.pos.step, self.pos.epoch = old["step"], old["epoch"]
-        # micro-batches of the epoch already done, at this world size, on an accumulation boundary (the
-        # loader itself continues from the exact sample position; DeepSpeed counts micro-steps from 0)
-        seen = old["micro_in_epoch"] * old["world_size"]
-        self.pos.micro_in_epoch = seen // self.world // self.accum * self.accum
+        self.best.state = dict(client_state.get("best", {}))
+        # micro-batches of the epoch already done, at this world size and micro-batch, on an accumulation
+        # boundary (the loader continues from the exact sample position; DeepSpeed counts micro-steps from
+        # 0). With the global batch fixed, a step boundary there is a step boundary here.
+        seen = old["micro_in_epoch"] * old["world_size"] * old.get("micro_batch", self.plan.micro_batch)
+        self.pos.micro_in_epoch = seen // (self.world * self.plan.micro_batch) // self.accum * self.accum
         self.loader_state = rank_state["loader"] if old["micro_in_epoch"] else None
         if old["world_size"] == self.world:
             set_rng_state(rank_state["rng"])
@@ -170,7 +184,16 @@ class Trainer:
                 raise ckpt.CheckpointError("checkpoint has no EMA (ema.pt) but ema.enabled=true: "
                                            "set ema.enabled=false or resume from a run with EMA")
             self.ema.load_full_state_dict(ema_state)
-        self.scheduler.step_update(self._num_updates())
+
+    def _set_lr(self) -> float:
+        """Set every client optimizer group to the next update's LR, a pure function of the position."""
+        o = self.cfg.optim
+        lr = lr_at(o.schedule, epoch=self.pos.epoch, update=self._num_updates(),
+                   steps_per_epoch=self.steps_per_epoch, peak=peak_lr(self.cfg), warmup_lr=o.warmup_lr,
+                   min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, epochs=self.cfg.train.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _num_updates(self) -> int:
         return self.pos.epoch * self.steps_per_epoch + self.pos.micro_in_epoch // self.accum
@@ -188,7 +211,7 @@ class Trainer:
             raise TrainingError(f"non-finite weights at step {self.pos.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
-        client = {"position": self.pos.to_dict(), "scheduler": self.scheduler.state_dict()}
+        client = {"position": self.pos.to_dict(), "best": self.best.state}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
         return ckpt.save(self.engine, self.ckpt_dir, self.pos.step, self.cfg, client, rank_state,
                          ema_state if self.rank == 0 else None,
@@ -242,6 +265,12 @@ class Trainer:
                         exhausted = True
                         break
                     window["wait"] += time.perf_counter() - t_wait
+                    if self.pos.micro_in_epoch % self.accum == 0:  # the first micro-batch of an update
+                        lr = self._set_lr()
+                        if self.trace is not None:
+                            self.trace.begin(self.pos.step + 1, self.pos.epoch, lr)
+                    if self.trace is not None:
+                        self.trace.add(self.train_loader.last_samples)
                     torch.manual_seed(step_seed(cfg.seed, self.pos.step, self.pos.micro_in_epoch, self.rank))
                     loss = loss_fn(self.engine(images), targets, smoothing)
                     stop, bad = self._agree(loss)
@@ -269,7 +298,8 @@ class Trainer:
                         self.pos.step += 1
                         if self.ema is not None:
                             self.ema.update()
-                    self.scheduler.step_update(self._num_updates())
+                    if self.trace is not None:
+                        self.trace.end()
                     writer.advance(self.pos.step)
                     if self.pos.step % cfg.metrics.log_every == 0:
                         self._log(writer, window)
@@ -291,7 +321,8 @@ class Trainer:
                     if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:
                         self.watchdog.enter(f"evaluation after epoch {self.pos.epoch}")
                         res = self.evaluate()
-                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res})
+                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res,
+                                      **self.best.update(self.pos.epoch, res)})
                 self.save()
                 window["t0"] = time.perf_counter()
         except RuntimeError as e:
@@ -316,7 +347,7 @@ class Trainer:
         dist.all_reduce(stats)
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
         images = window["images"] * self.world
-        steps = max(1, window["images"] // (self.cfg.train.batch_size * self.accum))
+        steps = max(1, window["images"] // (self.plan.micro_batch * self.accum))
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         ips = images / elapsed

@@ -11,6 +11,7 @@ checkpoint is first converted to DeepSpeed's universal format (by rank 0, automa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
     from pipeline.train.config import ConfigError, load_config
-    from pipeline.train.engine import build_model, build_scheduler, deepspeed_config, global_batch, initialize
+    from pipeline.train.engine import build_model, deepspeed_config, initialize, plan_for, plan_line
     from pipeline.train.loop import StopFlag, Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     _quiet_deepspeed()
     # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
     # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
+    plan = plan_for(cfg, env.world_size)  # before any process group: an indivisible batch is bad input
     distributed.init(env, device, 2 * cfg.train.collective_timeout_s)
 
     output_dir = Path(cfg.output_dir)
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     lock = _take_run_dir(output_dir, env.rank)
     try:
         log = (lambda msg: print(msg, flush=True)) if env.rank == 0 else (lambda msg: None)
+        log(plan_line(cfg, plan))
         if cfg.checkpoint.resume:
             tag = ckpt.choose_resume(ckpt_dir, log)
         else:
@@ -86,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
         from pipeline.data.load.loader import build_train_loader, build_val_loader
 
-        train_loader = build_train_loader(cfg.data, env.rank, env.world_size, device)
-        val_loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
+        # the loader's batch is the plan's micro-batch (data.batch_size is not a config key)
+        data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+        train_loader = build_train_loader(data_cfg, env.rank, env.world_size, device)
+        val_loader = build_val_loader(data_cfg, env.rank, env.world_size, device)
         if train_loader.num_classes != cfg.model.num_classes:
             raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the shards in "
                               f"{cfg.data.root} have {train_loader.num_classes} classes: set "
@@ -101,17 +106,15 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(cfg).to(device)
         flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
         engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
-        steps_per_epoch = len(train_loader) // cfg.train.grad_accum
-        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
         ema = None
         if cfg.ema.enabled:
             from pipeline.train.ema import ShardedEma, effective_decay
 
-            decay = effective_decay(cfg.ema.decay, global_batch(cfg, env.world_size), cfg.ema.base_batch,
+            decay = effective_decay(cfg.ema.decay, plan.global_batch, cfg.ema.base_batch,
                                     cfg.ema.scale_with_batch)
             ema = ShardedEma(engine.module, decay)
-        trainer = Trainer(cfg, engine, scheduler, ema, train_loader, val_loader, device, output_dir, flops,
-                          stop, run_id)
+        trainer = Trainer(cfg, plan, engine, optimizer, ema, train_loader, val_loader, device, output_dir,
+                          flops, stop, run_id)
         if tag is not None:
             client_state, rank_state, ema_state = ckpt.load(engine, ckpt_dir, tag, load_tag)
             trainer.restore(client_state, rank_state, ema_state)

@@ -90,3 +90,26 @@ class MetricsWriter:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+class BestSoFar:
+    """Best-so-far top-1 of the model and of the EMA with their epochs, and the paper's number.
+
+    RMT's reported top-1 is the best over all epochs of max(model, EMA) (e.g. RMT-S: EMA 84.10 at epoch
+    261, 83.95 at the end). The state travels in the checkpoint, so a resumed run keeps its bests.
+    """
+
+    def __init__(self):
+        self.state: dict = {}
+
+    def update(self, epoch: int, res: dict) -> dict:
+        """Fold in the evaluation after `epoch`; returns the fields its eval record gets."""
+        for key in ("top1", "ema_top1"):
+            if key in res and math.isfinite(res[key]) and res[key] > self.state.get(f"best_{key}", -1.0):
+                self.state[f"best_{key}"], self.state[f"best_{key}_epoch"] = res[key], epoch
+        candidates = [(self.state[f"best_{k}"], self.state[f"best_{k}_epoch"], w)
+                      for k, w in (("top1", "model"), ("ema_top1", "EMA")) if f"best_{k}" in self.state]
+        if candidates:
+            top1, at, weights = max(candidates, key=lambda c: c[0])
+            self.state.update({"paper_top1": top1, "paper_top1_epoch": at, "paper_top1_weights": weights})
+        return dict(self.state)

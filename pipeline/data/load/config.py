@@ -44,6 +44,7 @@ class DataConfig:
     skip_bad: bool = False  # undecodable images: skip (replaced in the batch, counted) instead of raising
     pin_memory: bool = True  # only used when the device is CUDA
     prefetch: int = 2  # batches prepared ahead per worker
+    trace: bool = False  # trainer: write each step's sample keys to output_dir/trace/rank_XXXXX.jsonl
 
     def validate(self) -> DataConfig:
         def bad(field: str, why: str) -> DataError:

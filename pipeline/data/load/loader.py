@@ -157,6 +157,7 @@ class TrainLoader:
             x, y = self.device_augment(images, labels, plan.epoch, plan.indices[b], plan.repeats[b],
                                        batch_key(self.cfg.seed, plan.epoch, start, self.rank))
             self.samples_seen = start + self.world_size * self.cfg.batch_size
+            self.last_samples = (plan.indices[b], plan.repeats[b])  # (index, repeat) pairs of this batch
             yield x, y
         self.epoch, self.samples_seen = plan.epoch + 1, 0
 
