@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow]
 
 NO_AUG = {"rand_augment": "", "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "repeated_aug": 1}
 # 1 process, batch 4: 16 steps an epoch; checkpoints at 4, 8, 12 and the epoch end (16)
-RUN = {"data": NO_AUG, "train": {"epochs": 1}, "checkpoint": {"every_steps": 4, "keep": 4}}
+RUN = {"data": NO_AUG, "train": {"epochs": 1, "global_batch": 4}, "checkpoint": {"every_steps": 4, "keep": 4}}
 
 
 def one_line_error(proc, code: int) -> str:

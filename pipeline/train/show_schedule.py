@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -28,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_samples(root: str, fallback: int | None) -> int:
     """The train split's size from `root`/manifest.json, else `fallback` (or ImageNet-1K's)."""
-    if os.path.isfile(os.path.join(root, "manifest.json")):
-        from pipeline.data.loader import read_manifest
+    from pipeline.data import manifest
 
-        return int(read_manifest(root)["splits"]["train"]["num_samples"])
+    if manifest.path(root).is_file():
+        return int(manifest.read(root)["splits"]["train"]["num_samples"])
     return IMAGENET_TRAIN if fallback is None else fallback
 
 
