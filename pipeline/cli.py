@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fake-imagenet": ("pipeline.data.fake", "write a small learnable fake ImageNet in every real layout"),
     "shards": ("pipeline.data.shards", "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
     "verify-shards": ("pipeline.data.shard_verify", "re-read shards: checksums, keys, labels, images"),
+    "preflight": ("pipeline.train.preflight", "per-rank host, matmul speed, all_reduce speed, slow hosts"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
     "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),
 }
