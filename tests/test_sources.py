@@ -59,6 +59,16 @@ def test_missing_and_unrecognised_src(tmp_path):
         sources.detect(tmp_path)
 
 
+def test_a_class_folder_without_images_is_refused(fk, tmp_path):
+    src = tmp_path / "folders"
+    shutil.copytree(fk.root / "folders", src)
+    empty = sorted((src / "train").iterdir())[1]
+    for f in empty.iterdir():
+        f.unlink()
+    with pytest.raises(sources.DataError, match=f"class folder {empty} has no images"):
+        sources.detect(src, expected_classes=4)
+
+
 def test_class_count_must_match_unless_told(fk):
     with pytest.raises(sources.DataError, match="has 4 classes in train, expected 1000: pass --classes 4"):
         sources.detect(fk.root / "folders")

@@ -149,7 +149,11 @@ def _train_from_folders(base: Path) -> tuple[list[str], list[InputFile]]:
     classes = [d.name for d in dirs]
     entries = []
     for label, d in enumerate(dirs):
-        entries += _files(d, label)
+        found = _files(d, label)
+        if not found:
+            raise DataError(f"class folder {d} has no images: a class without training images cannot be "
+                            f"learned (and shifts every later label); add its images or remove the folder")
+        entries += found
     return classes, entries
 
 

@@ -100,6 +100,8 @@ def scan_shard(path: str, name: str, expected: int) -> tuple[np.ndarray, ...]:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for member, data, size, header in _members(mm, name):
                 key, ext = _split_name(member)
+                if not key:  # a cut-off tar reads as a member without a name
+                    raise DataError("the tar ends mid-member (truncated)")
                 if key != last_key:
                     keys.append(key)
                     offsets.append(-1)
