@@ -309,7 +309,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as the user can load it again: derived values (the loader's micro-batch) left out."""
+    tree = to_dict(cfg)
+    del tree["data"]["batch_size"]  # derived from train.global_batch at every start
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 # Parts that must not change across a resume: they change what the weights or the sample order mean.
