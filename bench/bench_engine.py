@@ -64,7 +64,8 @@ def main() -> int:
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29544)), "single")
     distributed.init(env, device, 600)
     cfg = config_from_dict({"model": {"name": "rmt_t", "num_classes": 1000},
-                            "train": {"batch_size": args.batch, "precision": "bf16", "device": "cpu"},
+                            "train": {"global_batch": args.batch, "max_batch_per_device": args.batch,
+                                      "precision": "bf16", "device": "cpu"},
                             "checkpoint": {"keep": 1}, "deepspeed": {"zero_stage": 2}})
     torch.manual_seed(0)
     engine, _ = initialize(cfg, build_model(cfg), 1, device)

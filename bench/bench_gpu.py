@@ -10,6 +10,7 @@ Prints one JSON line per case and a Markdown table (images/s, peak memory, MFU, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -50,7 +51,8 @@ def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool,
         "model": {"name": model, "num_classes": num_classes, "drop_path": 0.1, "grad_checkpointing": ckpt,
                   "kwargs": kwargs},
         "data": {"root": str(shards or ""), "img_size": img, "workers": workers, "repeated_aug": 1},
-        "train": {"batch_size": batch, "precision": "bf16", "device": device.type, "sync_bn": False},
+        "train": {"global_batch": batch, "max_batch_per_device": batch, "precision": "bf16",
+                  "device": device.type, "sync_bn": False},
         "deepspeed": {"zero_stage": 2},
     })
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool,
     flops = forward_flops(net, (img, img))
     engine, _ = initialize(cfg, net, 1, device)
     if fed:
-        loader = build_train_loader(cfg.data, 0, 1, device)
+        loader = build_train_loader(dataclasses.replace(cfg.data, batch_size=batch), 0, 1, device)
         batches = iter(_cycle(loader))
     else:
         x = torch.randn(batch, 3, img, img, device=device)

@@ -221,7 +221,7 @@ def summary(m: Metrics, cfg: dict | None, run_dir: Path) -> str:
         ds = cfg.get("deepspeed", {})
         lines += ["## Config", "",
                   f"- model: {model.get('name')} ({model.get('num_classes')} classes, drop path "
-                  f"{model.get('drop_path')})",
+                  f"{model.get('drop_path') if model.get('drop_path') is not None else 'of the variant'})",
                   f"- data: {data.get('root')} ({data.get('format')}), train {data.get('img_size')} px, "
                   f"eval {data.get('eval_img_size')} px",
                   f"- global batch {train.get('global_batch')} (at most {train.get('max_batch_per_device')} "

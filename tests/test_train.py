@@ -270,7 +270,7 @@ def test_two_to_one_process_resume_keeps_the_recipe(trainer, tmp_path):
           f"final weights largest difference {worst:.3g}, relative norm {rel:.3g}; loss gap {loss_gap:.3g}")
     assert first < 1e-5, first
     # 32 - stopped further AdamW steps amplify those roundings (m / sqrt(v) of near-zero gradients)
-    assert rel < 1e-2 and loss_gap < 1e-3, (worst, rel, loss_gap)
+    assert rel < 5e-3 and loss_gap < 1e-4, (worst, rel, loss_gap)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(trainer):
