@@ -235,7 +235,7 @@ def test_real_failure_is_not_requeued(slurm_env, tiny_shards, tmp_path_factory):
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), log
     assert f"site setup: {site}" in log and "NCCL_SOCKET_IFNAME=lo" in log, log
     assert "no_such_key" in log, log
-    # the bad key is caught by the launcher's batch-plan check (before srun) or by the trainer: either way not requeued
+    # a bad key fails at the launcher's batch-plan check or in the trainer: not requeued either way
 
 
 def test_requeue_limit_stops_the_loop_and_resubmitting_resumes(slurm_env, tiny_shards, tmp_path_factory):
