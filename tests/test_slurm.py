@@ -235,7 +235,9 @@ def test_real_failure_is_not_requeued(slurm_env, tiny_shards, tmp_path_factory):
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), log
     assert f"site setup: {site}" in log and "NCCL_SOCKET_IFNAME=lo" in log, log
     assert "no_such_key" in log, log
-    # a bad key fails at the launcher's batch-plan check or in the trainer: not requeued either way
+    # the launcher's batch-plan check rejects the bad key before srun starts any task
+    assert "error: unknown config key 'train.no_such_key'" in log, log
+    assert "training FAILED" not in log, log  # no task was started (Restarts 0 above: not requeued)
 
 
 def test_requeue_limit_stops_the_loop_and_resubmitting_resumes(slurm_env, tiny_shards, tmp_path_factory):
