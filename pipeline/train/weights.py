@@ -8,8 +8,6 @@ architecture that config names, so nothing is evaluated or written under the wro
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +65,9 @@ def consolidated_weights(source: Source, ema: bool, cfg: Config) -> dict[str, to
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{source.path}' has no EMA ({EMA_FILE}): drop --ema")
         return torch.load(path, map_location="cpu", weights_only=True)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pipeline.train.engines.deepspeed_zero import consolidated_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-        state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return consolidated_state_dict(source.path)
 
 
 def build_checked(cfg: Config, state: dict[str, torch.Tensor], origin: Path) -> torch.nn.Module:
