@@ -43,12 +43,11 @@ from pipeline.train.config import (
     fingerprint_parts,
     save_config,
 )
+from pipeline.train.run_dir import CONFIG_FILE, LATEST
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 META = verify.META
-LATEST = "latest"
 EMA_FILE = "ema.pt"
-CONFIG_FILE = "config.yaml"
 
 
 def tag_for(step: int) -> str:

@@ -32,6 +32,7 @@ from pipeline.train.engines import Engine
 from pipeline.train.evaluate import evaluate
 from pipeline.train.losses import Loss
 from pipeline.train.metrics import BestSoFar, MetricsWriter, max_memory_gb, mfu
+from pipeline.train.run_dir import RunDir
 from pipeline.train.schedule import BatchPlan, lr_at
 from pipeline.train.trace import SampleTrace
 
@@ -180,7 +181,7 @@ class Trainer:
         self.val_loader = val_loader
         self.device = device
         self.output_dir = output_dir
-        self.ckpt_dir = output_dir / "checkpoints"
+        self.ckpt_dir = RunDir(output_dir).checkpoints
         self.flops = flops_per_image
         self.stop = stop
         self.run_id = run_id

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.train.run_dir import RUN_RECORDS, RunDir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/rmt_l.yaml")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.init(env, device, 2 * cfg.train.collective_timeout_s)
 
     output_dir = Path(cfg.output_dir)
-    ckpt_dir = output_dir / "checkpoints"
+    ckpt_dir = RunDir(output_dir).checkpoints
     lock = _take_run_dir(output_dir, env.rank)
     try:
         log = (lambda msg: print(msg, flush=True)) if env.rank == 0 else (lambda msg: None)
@@ -162,22 +164,23 @@ def _start_over(cfg, output_dir: Path, rank: int) -> None:
 
     from pipeline.train import checkpoint as ckpt
 
-    ckpt_dir, error = output_dir / "checkpoints", None
+    layout = RunDir(output_dir)
+    ckpt_dir, error = layout.checkpoints, None
     if rank == 0 and ckpt.has_checkpoints(ckpt_dir):
         if cfg.checkpoint.start_over == "no":
             error = (f"checkpoint.resume=false but {ckpt_dir} has checkpoints of an earlier run: resume "
                      f"(drop checkpoint.resume=false), use a new output_dir, or set "
-                     f"checkpoint.start_over=move (kept under {output_dir / 'superseded'}) or =delete")
+                     f"checkpoint.start_over=move (kept under {layout.superseded}) or =delete")
         elif cfg.checkpoint.start_over == "move":
-            aside = output_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            aside = layout.superseded / time.strftime("%Y%m%d-%H%M%S")
             aside.mkdir(parents=True)
-            for name in ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", "config_history"):
+            for name in (ckpt_dir.name, *RUN_RECORDS):
                 if (output_dir / name).exists():
                     os.replace(output_dir / name, aside / name)
             print(f"started over: the earlier run is kept in {aside}", flush=True)
         else:
             shutil.rmtree(ckpt_dir)
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            layout.metrics.unlink(missing_ok=True)
             print(f"started over: deleted the earlier run's checkpoints in {ckpt_dir}", flush=True)
     _agree(error)
 
@@ -196,8 +199,8 @@ def _record_config(cfg, output_dir: Path, resumed_tag: str | None) -> None:
     checkpoint read the copy inside the checkpoint, so they always see the config its weights had)."""
     from pipeline.train.config import save_config
 
-    save_config(cfg, output_dir / "config.yaml")
-    history = output_dir / "config_history"
+    save_config(cfg, RunDir(output_dir).config)
+    history = RunDir(output_dir).config_history
     history.mkdir(exist_ok=True)
     n = len(list(history.glob("*.yaml")))
     save_config(cfg, history / f"{n:03d}-{resumed_tag or 'fresh'}.yaml")

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.train.checkpoint import CONFIG_FILE, EMA_FILE, CheckpointError, is_complete, read_latest
 from pipeline.train.config import Config, load_config
+from pipeline.train.run_dir import RunDir
 
 
 @dataclass
@@ -38,17 +39,17 @@ def resolve_source(arg: str, config: str | None = None) -> Source:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint '{p}' does not exist: pass a run dir, a checkpoints/step_* dir "
                               "or a weights file")
-    if (p / "checkpoints").is_dir():  # a run dir
-        tag = read_latest(p / "checkpoints")
+    if RunDir(p).is_run_dir():
+        tag = read_latest(RunDir(p).checkpoints)
         if tag is None:
-            raise CheckpointError(f"run '{p}' has no complete checkpoint (checkpoints/latest missing)")
-        tag_dir, run_dir = p / "checkpoints" / tag, p
+            raise CheckpointError(f"run '{p}' has no complete checkpoint ({RunDir(p).latest} missing)")
+        tag_dir, run_dir = RunDir(p).checkpoints / tag, p
     else:
         if not is_complete(p):
             raise CheckpointError(f"checkpoint '{p}' is incomplete or not a checkpoint dir (no meta.json)")
         tag_dir, run_dir = p, p.parent.parent
     own = tag_dir / CONFIG_FILE
-    cfg_path = Path(config) if config else (own if own.is_file() else run_dir / CONFIG_FILE)
+    cfg_path = Path(config) if config else (own if own.is_file() else RunDir(run_dir).config)
     if not cfg_path.is_file():
         raise CheckpointError(f"no config for '{p}': {cfg_path} is missing; pass --config")
     return Source("deepspeed", tag_dir, cfg_path)
