@@ -1,4 +1,4 @@
-"""`python -m pipeline run-dir RUN_DIR PART`: the launchers' one source of the run-dir layout, without torch."""
+"""`python -m pipeline run-dir RUN_DIR PART`: the launchers ask it for the run-dir layout (no torch)."""
 
 from __future__ import annotations
 
