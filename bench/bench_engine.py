@@ -1,6 +1,7 @@
-"""CPU benchmark of the training engine's own costs, side by side with a real training step of RMT-T:
-per-step overhead (EMA update, the stop/non-finite agreement all_reduce, the per-step reseed, a metrics
-line) and checkpoint save/load time per GB (DeepSpeed ZeRO-2 files + EMA + per-rank state).
+"""CPU benchmark of the training engine's own costs, side by side with the real training step of RMT-T
+(`Trainer.train_step`, bench/real_step.py): per-step overhead (EMA update, the stop/non-finite agreement
+all_reduce, the per-step reseed, a metrics line) and checkpoint save/load time per GB (DeepSpeed ZeRO-2
+files + EMA + per-rank state).
 
     make bench-engine                    # writes the "## Training engine" section of BENCHMARKS.md
     python bench/bench_engine.py         # print only
@@ -13,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,16 +49,13 @@ def main() -> int:
     p.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = p.parse_args()
 
-    from deepspeed.utils import logger
-
+    from bench.real_step import SyntheticLoader, build_trainer
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
-    from pipeline.train.ema import ShardedEma
-    from pipeline.train.engine import build_model, initialize
-    from pipeline.train.loop import StopFlag, loss_fn, step_seed
+    from pipeline.train.build import build_model
+    from pipeline.train.loop import StopFlag, step_seed
     from pipeline.train.metrics import MetricsWriter
 
-    logger.setLevel("WARNING")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     device = torch.device("cpu")
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29544)), "single")
@@ -68,18 +65,12 @@ def main() -> int:
                                       "precision": "bf16", "device": "cpu"},
                             "checkpoint": {"keep": 1}, "deepspeed": {"zero_stage": 2}})
     torch.manual_seed(0)
-    engine, _ = initialize(cfg, build_model(cfg), 1, device)
+    loader = SyntheticLoader((torch.randn(args.batch, 3, args.img, args.img),
+                              torch.randint(0, 1000, (args.batch,))))
+    trainer = build_trainer(cfg, build_model(cfg), loader, device, ema_decay=0.9999)
+    engine, ema, batches = trainer.engine, trainer.ema, iter(loader)
     n_params = sum(p.numel() for p in engine.module.parameters())
-    x = torch.randn(args.batch, 3, args.img, args.img)
-    y = torch.randint(0, 1000, (args.batch,))
-
-    def train_step():
-        loss = loss_fn(engine(x), y, 0.1)
-        engine.backward(loss)
-        engine.step()
-
-    step_s = timed(train_step, args.steps)
-    ema = ShardedEma(engine.module, 0.9999)
+    step_s = timed(lambda: trainer.train_step(next(batches)), args.steps)
     ema_s = timed(ema.update, 20)
     stop = StopFlag()
 
@@ -90,7 +81,7 @@ def main() -> int:
 
     agree_s = timed(agree, 50)
     reseed_s = timed(lambda: torch.manual_seed(step_seed(0, 123, 4, 1)), 200)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    tmp = trainer.output_dir
     writer = MetricsWriter(tmp, 0, tensorboard=True, progress="lines", total_steps=0, start_step=0)
     record = {"kind": "train", "step": 1, "epoch": 0, "loss": 6.9, "lr": 1e-3, "grad_norm": 1.0,
               "images_per_s": 100.0, "images_per_s_per_device": 100.0, "step_time_s": 0.1,
@@ -103,17 +94,17 @@ def main() -> int:
         sys.stdout = sys_stdout
     writer.close()
 
-    ckpt_dir = tmp / "checkpoints"
+    ckpt_dir = trainer.ckpt_dir
     save_times, load_times, size = [], [], 0
-    for i in range(3):
+    for _ in range(3):
         t = time.perf_counter()
-        tag = ckpt.save(engine, ckpt_dir, 1000 + i, cfg, {"position": {}}, {"rng": None},
-                        ema.full_state_dict(), {}, run_id="bench")
+        tag = trainer.save()
         save_times.append(time.perf_counter() - t)
         size = du(ckpt_dir / tag)
         t = time.perf_counter()
-        ckpt.load(engine, ckpt_dir, tag, tag)
+        ckpt.restore(engine, ckpt_dir, ckpt.Resume(tag, ckpt.read_meta(ckpt_dir / tag), tag), trainer)
         load_times.append(time.perf_counter() - t)
+        trainer.step += 1  # the next save is a new tag
     shutil.rmtree(tmp, ignore_errors=True)
     save_s, load_s = sorted(save_times)[1], sorted(load_times)[1]
     gb = size / 2**30
@@ -137,7 +128,8 @@ def main() -> int:
         "",
         "| what | time | vs one training step |",
         "|---|---|---|",
-        f"| training step (fwd+bwd+ZeRO step) | {1000 * step_s:.0f} ms | 1 |",
+        f"| training step (Trainer.train_step: fwd+bwd+ZeRO step, EMA, agreement) | {1000 * step_s:.0f} ms "
+        "| 1 |",
         f"| EMA update (fp32, whole model; ZeRO-3: 1/world of it per rank) | {1000 * ema_s:.1f} ms "
         f"| {ema_s / step_s:.2%} |",
         f"| stop/non-finite agreement (one 2-float all_reduce) | {1000 * agree_s:.2f} ms | "
@@ -152,22 +144,11 @@ def main() -> int:
     ])
     print(table)
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", "## Training engine", table)
+        from bench.sections import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", table)
     dist.destroy_process_group()
     return 0
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) our `## ` section of BENCHMARKS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + body + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ with and without activation checkpointing, synthetic input vs the real WebDatase
     make bench-gpu                       # on one GPU; fits in ~8 minutes on an H200
     python bench/bench_gpu.py --smoke    # tiny RMT-T at 64 px on CPU: exercises every code path
 
-Prints one JSON line per case and a Markdown table (images/s, peak memory, MFU, step time).
+Each step is the trainer's own `Trainer.train_step` (bench/real_step.py). Prints one JSON line per case
+and a Markdown table (images/s, peak memory, MFU, step time).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,10 +44,10 @@ def make_shards(root: Path, num_classes: int, per_class: int, side: int, workers
 def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool, shards: Path | None,
              warmup: int, steps: int, device: torch.device, peak_tflops: float, workers: int,
              num_classes: int, kwargs: dict) -> dict:
+    from bench.real_step import SyntheticLoader, build_trainer
     from pipeline.data.load.loader import build_train_loader
     from pipeline.models.info import forward_flops
-    from pipeline.train.engine import build_model, initialize
-    from pipeline.train.loop import loss_fn
+    from pipeline.train.build import build_model
 
     cfg = config_from_dict({
         "model": {"name": model, "num_classes": num_classes, "drop_path": 0.1, "grad_checkpointing": ckpt,
@@ -58,14 +60,14 @@ def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool,
     torch.manual_seed(0)
     net = build_model(cfg)
     flops = forward_flops(net, (img, img))
-    engine, _ = initialize(cfg, net, 1, device)
     if fed:
         loader = build_train_loader(dataclasses.replace(cfg.data, batch_size=batch), 0, 1, device)
         batches = iter(_cycle(loader))
     else:
-        x = torch.randn(batch, 3, img, img, device=device)
-        y = torch.randint(0, num_classes, (batch,), device=device)
-        batches = iter(lambda: (x, y), None)
+        loader = SyntheticLoader((torch.randn(batch, 3, img, img, device=device),
+                                  torch.randint(0, num_classes, (batch,), device=device)))
+        batches = iter(loader)
+    trainer = build_trainer(cfg, net, loader, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wait = 0.0
@@ -74,11 +76,9 @@ def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool,
             _sync(device)
             t0, wait = time.perf_counter(), 0.0
         tw = time.perf_counter()
-        images, targets = next(batches)
+        micro_batch = next(batches)
         wait += time.perf_counter() - tw
-        loss = loss_fn(engine(images), targets, 0.1)
-        engine.backward(loss)
-        engine.step()
+        result = trainer.train_step(micro_batch)
     _sync(device)
     elapsed = time.perf_counter() - t0
     ips = steps * batch / elapsed
@@ -87,8 +87,9 @@ def run_case(name: str, model: str, img: int, batch: int, ckpt: bool, fed: bool,
            "input": "loader" if fed else "synthetic", "images_per_s": round(ips, 1),
            "step_ms": round(1000 * elapsed / steps, 1), "data_wait_frac": round(wait / elapsed, 3),
            "peak_mem_gb": mem, "mfu": round(3 * flops * ips / (peak_tflops * 1e12), 4),
-           "loss": round(loss.item(), 3)}
-    del engine, net, batches
+           "loss": round(result.loss.item(), 3)}
+    shutil.rmtree(trainer.output_dir, ignore_errors=True)
+    del trainer, net, batches
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -119,11 +120,8 @@ def main() -> int:
     p.add_argument("--out", help="also write the JSON lines here")
     args = p.parse_args()
 
-    from deepspeed.utils import logger
-
     from pipeline.train import distributed
 
-    logger.setLevel("WARNING")
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29533)), "single")
     device = torch.device("cpu") if args.smoke else distributed.choose_device("cuda", 0)
     distributed.init(env, device, 600)

@@ -62,8 +62,9 @@ rmt_log_batch_plan() {
 
 # The checkpoint tag a start would resume from, or "none (fresh start)".
 rmt_resume_point() {
-  local latest=$RUN_DIR/checkpoints/latest
-  if [ -s "$latest" ]; then echo "$RUN_DIR/checkpoints/$(cat "$latest")"; else echo "none (fresh start)"; fi
+  local point
+  point=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" resume-point) || point=""
+  if [ -n "$point" ]; then echo "$point"; else echo "none (fresh start)"; fi
 }
 
 # Source the site's setup file (modules, environments, PYTHON, NCCL_*) before anything is resolved.
@@ -121,9 +122,11 @@ rmt_slurm_main() {
 
   rmt_site_setup
   rmt_resolve_settings "${SLURM_GPUS_PER_NODE:-}" "$@"
-  mkdir -p "$RUN_DIR/logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
+  local logs
+  logs=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" logs) || rmt_fail "$PYTHON -m pipeline run-dir failed"
+  mkdir -p "$logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
   # Everything below also goes to the run dir (the #SBATCH --output file cannot name it).
-  exec > >(tee -a "$RUN_DIR/logs/slurm-$SLURM_JOB_ID.out") 2>&1
+  exec > >(tee -a "$logs/slurm-$SLURM_JOB_ID.out") 2>&1
   local tee_pid=$!
 
   rmt_nccl_defaults

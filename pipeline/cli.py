@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schedule": ("pipeline.train.show_schedule",
                  "a recipe's batch plan and LR per epoch (JSON lines) at a given world size"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
+    "run-dir": ("pipeline.train.run_dir", "print one path of a run dir's layout (the launchers ask it)"),
     "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),
 }
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import EXIT_REQUEUE, PipelineError
+from pipeline.train.run_dir import CONFIG_FILE, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def _python(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     out = []
@@ -170,11 +171,10 @@ def train_with_interruption(launch: Launch, run_dir: Path, epochs: int, poll_s: 
     ends = [r for r in _records(run_dir) if r["kind"] == "end"]
     assert spe is not None  # set before the signal
     if not ends or ends[-1]["reason"] != "signal":
-        raise DemoError(f"no 'signal' end record in {run_dir / 'metrics.jsonl'} after the SIGTERM")
+        raise DemoError(f"no 'signal' end record in {RunDir(run_dir).metrics} after the SIGTERM")
     stop = ends[-1]
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     _say(f"stopped at step {stop['step']} (epoch {stop['epoch']}); checkpoint "
-         f"{run_dir / 'checkpoints' / latest}. Resuming with the same command:")
+         f"{RunDir(run_dir).resume_point()}. Resuming with the same command:")
     _check(_wait(launch.start()), "the resumed training (launch/local.sh)")
     return {"steps_per_epoch": spe, "stop_step": stop["step"], "stop_epoch": stop["epoch"],
             "final_step": _records(run_dir)[-1]["step"]}
@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/demo-{args.format}").resolve()
     cfg = check_config(args)
     for path, marker, option in ((data, "folders", "--data"), (shards, "manifest.json", "--shards"),
-                                 (run_dir, "config.yaml", "--run-dir")):
+                                 (run_dir, CONFIG_FILE, "--run-dir")):
         _fresh(path, marker, option)
 
     _say(f"1/6 fake ImageNet: {args.classes} learnable classes (shape, colour, texture) in ImageNet's layout")

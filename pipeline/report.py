@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.train.run_dir import RunDir
 
 PLOTS = ("loss.png", "lr.png", "accuracy.png", "throughput.png")
 
@@ -284,11 +285,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run dir '{run_dir}' does not exist: pass the output_dir of a training run")
-    m = read_metrics(run_dir / "metrics.jsonl")
+    layout = RunDir(run_dir)
+    m = read_metrics(layout.metrics)
     cfg = None
-    if (run_dir / "config.yaml").is_file():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    out = Path(out) if out else run_dir / "report"
+    if layout.config.is_file():
+        cfg = yaml.safe_load(layout.config.read_text())
+    out = Path(out) if out else layout.report
     plots = plot(m, out, (cfg or {}).get("model", {}).get("num_classes"))
     (out / "summary.md").write_text(summary(m, cfg, run_dir))
     return {"plots": plots, "summary": out / "summary.md", "metrics": m}

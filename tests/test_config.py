@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.train.build import peak_lr, plan_for
 from pipeline.train.config import (
     ConfigError,
     config_from_dict,
@@ -19,7 +20,7 @@ from pipeline.train.config import (
     load_config,
 )
 from pipeline.train.distributed import DistributedSetupError, detect, first_host
-from pipeline.train.engine import deepspeed_config, peak_lr, plan_for
+from pipeline.train.engines.deepspeed_zero import config as deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER = {"rmt_t": 0.1, "rmt_s": 0.15, "rmt_b": 0.4, "rmt_l": 0.5}

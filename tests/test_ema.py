@@ -74,6 +74,7 @@ def _worker(stages: list[int]) -> None:
     from deepspeed.utils import logger
 
     from pipeline.train import distributed
+    from pipeline.train.engines.deepspeed_zero import Engine as DeepSpeedEngine
 
     logger.setLevel("WARNING")
     env = distributed.detect()
@@ -87,7 +88,8 @@ def _worker(stages: list[int]) -> None:
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), 1e-2),
                                           config=ds, dist_init_required=False)
-        ema = ShardedEma(engine.module, 0.8)
+        wrapped = DeepSpeedEngine(engine, None)
+        ema = ShardedEma(engine.module, 0.8, wrapped)
         params = list(engine.module.parameters())
         for step in range(3):
             torch.manual_seed(100 * step + rank)
@@ -107,14 +109,14 @@ def _worker(stages: list[int]) -> None:
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
         engine.eval()
         before = engine(x)
-        with ema.swap(engine):
+        with ema.swap():
             swapped = engine(x)
         after = engine(x)
         reference.module.eval()
         assert torch.allclose(swapped, reference.module(x), atol=1e-5), f"stage {stage}: swap"
         assert torch.equal(before, after), f"stage {stage}: weights not restored after swap"
         # a consolidated EMA loads back into the partitions
-        again = ShardedEma(engine.module, 0.8)
+        again = ShardedEma(engine.module, 0.8, wrapped)
         again.load_full_state_dict(mine)
         assert all(torch.equal(a, b) for a, b in zip(again.shadow, ema.shadow, strict=True)), stage
         print(f"stage {stage}: ok", flush=True)

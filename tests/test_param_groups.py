@@ -42,9 +42,9 @@ def test_frozen_parameters_are_left_out():
 
 
 def test_the_trainers_optimizer_uses_the_official_groups():
-    """engine.build_optimizer: the layer scales of RMT-B are decayed, biases and norms are not."""
+    """build.build_optimizer: the layer scales of RMT-B are decayed, biases and norms are not."""
+    from pipeline.train.build import build_model, build_optimizer
     from pipeline.train.config import config_from_dict
-    from pipeline.train.engine import build_model, build_optimizer
 
     cfg = config_from_dict({"model": {"name": "rmt_b", "num_classes": 10, "kwargs": {
         "embed_dims": [16, 32, 64, 64], "depths": [1, 1, 1, 1], "num_heads": [2, 2, 4, 4]}}})

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic verified save, choosing what to resume, retention, universal conversion.
+"""Checkpoints: atomic verified save, and resume end to end (tag choice, compatibility, world-size
+conversion, restoring every stateful object), retention.
 
 Layout of `<output_dir>/checkpoints/`:
 
@@ -26,7 +27,7 @@ import os
 import re
 import shutil
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,13 +43,11 @@ from pipeline.train.config import (
     fingerprint_parts,
     save_config,
 )
+from pipeline.train.run_dir import CONFIG_FILE, LATEST
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 META = verify.META
-LATEST = "latest"
 EMA_FILE = "ema.pt"
-CONFIG_FILE = "config.yaml"
-UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
 
 
 def tag_for(step: int) -> str:
@@ -186,9 +185,9 @@ def _already_saved(tag_dir: Path, run_id: str) -> bool:
     return err is None and meta.get("run_id") == run_id and not verified_problems(tag_dir)
 
 
-def save(engine, ckpt_dir: Path, step: int, cfg: Config, client_state: dict, rank_state: dict,
-         ema_state: dict | None, meta_extra: dict, run_id: str) -> str:
-    """Collective: every rank calls it. Returns the tag; `latest` points to it when this returns.
+def save(engine, ckpt_dir: Path, step: int, cfg: Config, state: dict, run_id: str, meta_extra: dict) -> str:
+    """Collective: every rank calls it with the trainer's `state_dict()` (client, rank, ema). Returns the
+    tag; `latest` points to it when this returns.
 
     A directory of the same step that is not this run's verified checkpoint is never reused: an
     incomplete leftover of a crashed save is removed, anything else is set aside as `<tag>.replaced`.
@@ -209,14 +208,12 @@ def save(engine, ckpt_dir: Path, step: int, cfg: Config, client_state: dict, ran
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(tag_dir, aside)
         _barrier()
-    state = dict(client_state)
-    state["universal_checkpoint_info"] = UNIVERSAL_INFO
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
+        engine.save(ckpt_dir, tag, state["client"])
+        _atomic_torch_save(state["rank"], rank_file(tag_dir, rank))
         if rank == 0:
-            if ema_state is not None:
-                _atomic_torch_save(ema_state, tag_dir / EMA_FILE)
+            if state["ema"] is not None:
+                _atomic_torch_save(state["ema"], tag_dir / EMA_FILE)
             save_config(cfg, tag_dir / CONFIG_FILE)
     except (OSError, RuntimeError) as e:
         raise _save_error(e, tag_dir) from e
@@ -271,46 +268,50 @@ def prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / f"{t}_universal", ignore_errors=True)
 
 
-def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert `tag` to DeepSpeed's universal format (rank 0 only); returns the universal tag.
+@dataclass(frozen=True)
+class Resume:
+    """What a start resumes from: the chosen tag, its meta.json, and the tag the engine loads (the same,
+    or its universal twin at another world size / ZeRO stage)."""
+    tag: str
+    meta: dict
+    load_tag: str
 
-    Same as: python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/TAG
-             --output_folder CKPT/TAG_universal
-    """
-    from deepspeed.checkpoint import ds_to_universal
-
-    out = ckpt_dir / f"{tag}_universal"
-    if (out / "DONE").is_file():
-        return out.name
-    shutil.rmtree(out, ignore_errors=True)
-    args = Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(out), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    ds_to_universal.main(args)
-    (out / "DONE").write_text("ok\n")
-    return out.name
+    @property
+    def converted(self) -> bool:
+        return self.load_tag != self.tag
 
 
-def load(engine, ckpt_dir: Path, tag: str, load_tag: str) -> tuple[dict, dict, dict | None]:
-    """Load DeepSpeed state from `load_tag` (tag or its universal twin); our own files from `tag`.
+def prepare_resume(ckpt_dir: Path, cfg: Config, world_size: int, log) -> Resume | None:
+    """Collective, before the engine is built: the newest verified checkpoint, checked against `cfg`
+    and converted for this world size when needed; None for a fresh start."""
+    from pipeline.train.engines import deepspeed_zero as backend
 
-    Returns (client_state, this rank's trainer state, consolidated EMA state or None). At another
-    world size each rank gets rank 0's trainer state (the loader state is global).
-    """
+    tag = choose_resume(ckpt_dir, log)
+    if tag is None:
+        return None
+    meta = read_meta(ckpt_dir / tag)
+    check_compatible(meta, cfg, ckpt_dir / tag)
+    return Resume(tag, meta, backend.resume_source(ckpt_dir, tag, meta, cfg, world_size))
+
+
+def restore(engine, ckpt_dir: Path, resume: Resume, trainer) -> None:
+    """Load the engine's state from `resume.load_tag`, then every other stateful object (trainer:
+    loader position, RNG, step, bests; EMA) through `trainer.load_state_dict` from `resume.tag`'s files.
+    At another world size each rank gets rank 0's trainer file (the loader state is global)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
+        client_state = engine.load(ckpt_dir, resume.load_tag)
+    except CheckpointError:
+        raise
     except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"cannot load checkpoint {ckpt_dir / load_tag} ({type(e).__name__}: "
+        raise CheckpointError(f"cannot load checkpoint {ckpt_dir / resume.load_tag} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint '{ckpt_dir / load_tag}'")
-    tag_dir = ckpt_dir / tag
+    tag_dir = ckpt_dir / resume.tag
     own = rank_file(tag_dir, rank)
     rank_state = _read(own if own.is_file() else rank_file(tag_dir, 0), weights_only=False)
     ema_path = tag_dir / EMA_FILE
     ema_state = _read(ema_path, weights_only=True) if ema_path.is_file() else None
-    return client_state, rank_state, ema_state
+    trainer.load_state_dict({"client": client_state, "rank": rank_state, "ema": ema_state})
 
 
 def _read(path: Path, weights_only: bool):

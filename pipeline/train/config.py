@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sync_bn: bool = True  # only on CUDA (SyncBatchNorm needs an accelerator)
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    loss: str = "cross_entropy"  # a name in pipeline/train/losses.py LOSSES
     collective_timeout_s: int = 1800
     eval_every_epochs: int = 1  # 0 = never
 

@@ -8,7 +8,6 @@ process.
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -102,8 +101,8 @@ def choose_device(kind: str, local_rank: int) -> torch.device:
 
 
 def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
-    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) with a timeout."""
-    import deepspeed
+    """Initialise torch.distributed through the engine backend (nccl on CUDA, gloo on CPU) with a timeout."""
+    from pipeline.train.engines.deepspeed_zero import init_distributed
 
     os.environ.update({
         "RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size),
@@ -112,11 +111,8 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
     })
     # a dead peer must end the job, not hang it
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s),
-                                   rank=dist_env.rank, world_size=dist_env.world_size)
+        init_distributed(dist_env.rank, dist_env.world_size, device, timeout_s)
     except RuntimeError as e:
         if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
             raise DistributedSetupError(

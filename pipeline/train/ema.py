@@ -1,8 +1,8 @@
-"""fp32 exponential moving average of the weights, correct under ZeRO-1/2/3 without per-step gathers.
+"""fp32 exponential moving average of the weights, correct under sharded parameters without per-step gathers.
 
-Each rank averages what it holds locally: under ZeRO-1/2 the full (fp32, autocast) module parameters;
-under ZeRO-3 only its own flat partition of every parameter (`param.ds_tensor`), so an update costs
-1/world of the model and no communication. Buffers (BatchNorm statistics) are never partitioned:
+Each rank averages what the engine says it holds locally (`engine.local_shard`): the full (fp32,
+autocast) parameters, or under ZeRO-3 only its own partition, so an update costs 1/world of the model
+and no communication. Buffers (BatchNorm statistics) are never partitioned:
 float buffers are averaged, integer ones copied, as timm's ModelEmaV3 does. `full_state_dict()`
 gathers the partitions (only when saving or exporting); `swap()` puts the EMA into the live module
 for evaluation and restores the trained weights afterwards.
@@ -13,29 +13,24 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.models.checkpoints import CheckpointError
-
-
-def _partitioned(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_tensor")
+from pipeline.train.engines import Engine, Unsharded
 
 
 class ShardedEma:
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, engine: Engine | Unsharded | None = None):
+        """`engine`: the one training `module` (which says what each rank holds); None for a plain module."""
+        self.engine = engine if engine is not None else Unsharded()
         self.module = module
         self.decay = decay
+        self._local = self.engine.local_shard
         self.params = [(n, p) for n, p in module.named_parameters()]
         persistent = set(module.state_dict().keys())
         self.buffers = [(n, b) for n, b in module.named_buffers() if n in persistent]
         self.shadow = [self._local(p).detach().float().clone() for _, p in self.params]
         self.shadow_buffers = [b.detach().clone() for _, b in self.buffers]
-
-    @staticmethod
-    def _local(p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor if _partitioned(p) else p.data
 
     @torch.no_grad()
     def update(self) -> None:
@@ -49,16 +44,10 @@ class ShardedEma:
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated fp32 EMA on CPU (a collective under ZeRO-3: call on every rank)."""
+        """Consolidated fp32 EMA on CPU (a collective under sharded parameters: call on every rank)."""
         out: dict[str, torch.Tensor] = {}
         for s, (name, p) in zip(self.shadow, self.params, strict=True):
-            if _partitioned(p):
-                parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, s)
-                full = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
-            else:
-                full = s
-            out[name] = full.detach().cpu().clone()
+            out[name] = self.engine.full_from_shards(s, p).detach().cpu().clone()
         for s, (name, _) in zip(self.shadow_buffers, self.buffers, strict=True):
             out[name] = s.detach().cpu().clone()
         return out
@@ -71,41 +60,28 @@ class ShardedEma:
         if missing:
             raise CheckpointError(f"the checkpoint's EMA lacks {missing[:3]}: it was saved for another model")
         for s, (name, p) in zip(self.shadow, self.params, strict=True):
-            full = state[name].to(s.device, torch.float32).flatten()
-            if _partitioned(p):
-                size = s.numel()
-                start = dist.get_rank() * size
-                chunk = full[start:start + size]
-                s.zero_()
-                s[: chunk.numel()].copy_(chunk)
-            else:
-                s.copy_(full.view_as(s))
+            s.copy_(self.engine.shard_of_full(state[name].to(s.device, torch.float32), s, p))
         for s, (name, _) in zip(self.shadow_buffers, self.buffers, strict=True):
             s.copy_(state[name])
 
     @contextmanager
     @torch.no_grad()
-    def swap(self, engine=None):
-        """Temporarily run `module` with the EMA weights (and buffers)."""
-        if engine is not None and hasattr(engine, "empty_partition_cache") and any(
-                _partitioned(p) for _, p in self.params):
-            engine.empty_partition_cache()
+    def swap(self):
+        """Temporarily run the engine's module with the EMA weights (and buffers)."""
         saved = [self._local(p).detach().clone() for _, p in self.params]
         saved_buffers = [b.detach().clone() for _, b in self.buffers]
-        try:
-            for s, (_, p) in zip(self.shadow, self.params, strict=True):
-                self._local(p).copy_(s)
-            for s, (_, b) in zip(self.shadow_buffers, self.buffers, strict=True):
-                b.copy_(s)
-            yield self.module
-        finally:
-            if engine is not None and hasattr(engine, "empty_partition_cache") and any(
-                    _partitioned(p) for _, p in self.params):
-                engine.empty_partition_cache()
-            for t, (_, p) in zip(saved, self.params, strict=True):
-                self._local(p).copy_(t)
-            for t, (_, b) in zip(saved_buffers, self.buffers, strict=True):
-                b.copy_(t)
+        with self.engine.swapping_weights():
+            try:
+                for s, (_, p) in zip(self.shadow, self.params, strict=True):
+                    self._local(p).copy_(s)
+                for s, (_, b) in zip(self.shadow_buffers, self.buffers, strict=True):
+                    b.copy_(s)
+                yield self.module
+            finally:
+                for t, (_, p) in zip(saved, self.params, strict=True):
+                    self._local(p).copy_(t)
+                for t, (_, b) in zip(saved_buffers, self.buffers, strict=True):
+                    b.copy_(t)
 
 
 def effective_decay(decay: float, global_batch: int, base_batch: int, scale: bool) -> float:

@@ -1,5 +1,8 @@
-"""The training loop: steps, EMA, LR schedule, evaluation, checkpoint triggers, signals and guard rails.
+"""The training loop: `Trainer.train_step` (model, loss and engine meet), the epoch loop, EMA, LR,
+evaluation, checkpoint triggers, signals and guard rails.
 
+Where training stands is the train loader's position (epoch, samples seen) plus the count of optimizer
+steps; the micro-batch index, the LR and the epoch boundary are derived from it (`Position.of`).
 Determinism (exact resume): before every micro-step the torch RNG is reseeded from
 (seed, optimizer step, micro-step, rank), so DropPath and anything else drawing from torch's RNG
 depends only on the position in training, never on what ran before in this process. Augmentation
@@ -20,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.errors import EXIT_FINISHED, EXIT_REQUEUE, PipelineError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.build import peak_lr
 from pipeline.train.config import Config, ConfigError
-from pipeline.train.engine import peak_lr
+from pipeline.train.engines import Engine
 from pipeline.train.evaluate import evaluate
+from pipeline.train.losses import Loss
 from pipeline.train.metrics import BestSoFar, MetricsWriter, max_memory_gb, mfu
+from pipeline.train.run_dir import RunDir
 from pipeline.train.schedule import BatchPlan, lr_at
 from pipeline.train.trace import SampleTrace
 
@@ -108,40 +113,75 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    logits = logits.float()
-    if targets.ndim == 2:  # Mixup/CutMix soft targets (label smoothing already folded in)
-        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+@dataclass(frozen=True)
+class Position:
+    """Where an epoch stands, derived from the train loader (its epoch and samples seen): never counted."""
+    epoch: int
+    micro_in_epoch: int  # micro-batches done in `epoch`, at this world size and micro-batch
+
+    @classmethod
+    def of(cls, loader, plan: BatchPlan, steps_per_epoch: int) -> Position:
+        """An epoch whose steps are all done counts as the next one, at its start."""
+        micro = loader.samples_seen // (plan.world_size * plan.micro_batch)
+        if micro >= steps_per_epoch * plan.grad_accum:
+            return cls(loader.epoch + 1, 0)
+        return cls(loader.epoch, micro)
 
 
 @dataclass
-class Position:
-    """Where training stands; saved in the checkpoint's client state."""
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches done in `epoch`, at `world_size` and `micro_batch`
-    world_size: int = 1
-    micro_batch: int = 1
+class StepResult:
+    """One micro-step: its loss (on the device, never synced here) and what happened."""
+    loss: torch.Tensor
+    images: int
+    finite: bool  # every rank's loss was finite (else the micro-batch was skipped)
+    stop: bool  # some rank was asked to stop
+    boundary: bool  # the last micro-batch of an update
+    stepped: bool  # the engine made an optimizer step
 
-    def to_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                "world_size": self.world_size, "micro_batch": self.micro_batch}
+
+class Window:
+    """The micro-steps since the last train record: loss summed on the device (no per-step sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n, self.images, self.wait, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        if result.finite:
+            self.loss += result.loss.double()
+            self.n += 1
+        self.images += result.images
+
+
+def peer_loss(e: RuntimeError, step: int, rank: int) -> TrainingError | None:
+    """A collective's error that means another rank is hung or dead, as one line; None for anything else."""
+    text, first = str(e).lower(), str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "timed out" in text or "timeout" in text:
+        return TrainingError(f"a collective timed out at step {step} (rank {rank}): another rank is hung or "
+                             f"dead ({first})")
+    if "connection" in text or "peer" in text:
+        return TrainingError(f"lost a peer at step {step} (rank {rank}): {first}")
+    return None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, plan: BatchPlan, engine, optimizer, ema, train_loader, val_loader,
-                 device: torch.device, output_dir: Path, flops_per_image: float, stop: StopFlag, run_id: str):
+    def __init__(self, cfg: Config, plan: BatchPlan, engine: Engine, loss: Loss, ema, train_loader,
+                 val_loader, device: torch.device, output_dir: Path, flops_per_image: float, stop: StopFlag,
+                 run_id: str):
         self.cfg = cfg
         self.plan = plan
         self.engine = engine
-        self.optimizer = optimizer  # the client AdamW whose groups get the LR of each update
+        self.loss = loss
         self.ema = ema
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.device = device
         self.output_dir = output_dir
-        self.ckpt_dir = output_dir / "checkpoints"
+        self.ckpt_dir = RunDir(output_dir).checkpoints
         self.flops = flops_per_image
         self.stop = stop
         self.run_id = run_id
@@ -160,62 +200,62 @@ class Trainer:
         self.trace = SampleTrace(output_dir, self.rank) if cfg.data.trace else None
         self.best = BestSoFar()
         self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank)
-        self.pos = Position(world_size=self.world, micro_batch=plan.micro_batch)
-        self.loader_state: dict | None = None
+        self.window = Window(device)
+        self.step = 0  # optimizer steps done
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
+    def position(self) -> Position:
+        return Position.of(self.train_loader, self.plan, self.steps_per_epoch)
+
     # ---- checkpoint state -------------------------------------------------------------------
-    def restore(self, client_state: dict, rank_state: dict, ema_state: dict | None) -> None:
-        old = client_state["position"]
-        self.pos.step, self.pos.epoch = old["step"], old["epoch"]
-        self.best.state = dict(client_state.get("best", {}))
-        # micro-batches of the epoch already done, at this world size and micro-batch, on an accumulation
-        # boundary (the loader continues from the exact sample position; DeepSpeed counts micro-steps from
-        # 0). With the global batch fixed, a step boundary there is a step boundary here.
-        seen = old["micro_in_epoch"] * old["world_size"] * old.get("micro_batch", self.plan.micro_batch)
-        self.pos.micro_in_epoch = seen // (self.world * self.plan.micro_batch) // self.accum * self.accum
-        self.loader_state = rank_state["loader"] if old["micro_in_epoch"] else None
+    def state_dict(self) -> dict:
+        """Collective (the EMA is gathered): `client` goes into the engine's files, `rank` into this rank's
+        trainer file, `ema` (consolidated) into ema.pt."""
+        pos = self.position()
+        position = {"step": self.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
+                    "world_size": self.world, "micro_batch": self.plan.micro_batch}
+        return {"client": {"position": position, "best": self.best.state},
+                "rank": {"loader": self.train_loader.state_dict(), "rng": rng_state()},
+                "ema": self.ema.full_state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        old = state["client"]["position"]
+        self.step = old["step"]
+        self.best.state = dict(state["client"].get("best", {}))
+        if old["micro_in_epoch"]:  # mid-epoch: the loader continues from the exact sample
+            self.train_loader.load_state_dict(state["rank"]["loader"])
+            if self.train_loader.samples_seen % self.plan.global_batch:
+                raise ConfigError(f"the checkpoint stopped after {self.train_loader.samples_seen} samples of "
+                                  f"epoch {old['epoch']}, not a whole number of train.global_batch="
+                                  f"{self.plan.global_batch} steps: resume with the global batch it was "
+                                  f"made with")
+        else:
+            self.train_loader.set_epoch(old["epoch"])
         if old["world_size"] == self.world:
-            set_rng_state(rank_state["rng"])
+            set_rng_state(state["rank"]["rng"])
         if self.ema is not None:
-            if ema_state is None:
+            if state["ema"] is None:
                 raise ckpt.CheckpointError("checkpoint has no EMA (ema.pt) but ema.enabled=true: "
                                            "set ema.enabled=false or resume from a run with EMA")
-            self.ema.load_full_state_dict(ema_state)
-
-    def _set_lr(self) -> float:
-        """Set every client optimizer group to the next update's LR, a pure function of the position."""
-        o = self.cfg.optim
-        lr = lr_at(o.schedule, epoch=self.pos.epoch, update=self._num_updates(),
-                   steps_per_epoch=self.steps_per_epoch, peak=peak_lr(self.cfg), warmup_lr=o.warmup_lr,
-                   min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, epochs=self.cfg.train.epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def _num_updates(self) -> int:
-        return self.pos.epoch * self.steps_per_epoch + self.pos.micro_in_epoch // self.accum
+            self.ema.load_full_state_dict(state["ema"])
 
     def _params_finite(self) -> bool:
-        ok = all(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all()
-                 for p in self.engine.module.parameters())
+        ok = all(torch.isfinite(self.engine.local_shard(p)).all() for p in self.engine.module.parameters())
         flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
     def save(self) -> str:
-        self.watchdog.enter(f"checkpoint save at step {self.pos.step}")
+        self.watchdog.enter(f"checkpoint save at step {self.step}")
         if not self._params_finite():
-            raise TrainingError(f"non-finite weights at step {self.pos.step}: not saving over the last good "
+            raise TrainingError(f"non-finite weights at step {self.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
-        ema_state = self.ema.full_state_dict() if self.ema is not None else None
-        client = {"position": self.pos.to_dict(), "best": self.best.state}
-        rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
-        return ckpt.save(self.engine, self.ckpt_dir, self.pos.step, self.cfg, client, rank_state,
-                         ema_state if self.rank == 0 else None,
-                         {"epoch": self.pos.epoch, "micro_in_epoch": self.pos.micro_in_epoch}, self.run_id)
+        state = self.state_dict()
+        pos = state["client"]["position"]
+        return ckpt.save(self.engine, self.ckpt_dir, self.step, self.cfg, state, self.run_id,
+                         {"epoch": pos["epoch"], "micro_in_epoch": pos["micro_in_epoch"]})
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -224,140 +264,141 @@ class Trainer:
             res = evaluate(self.engine, self.val_loader, self.device)
             out = {"top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
             if self.ema is not None:
-                with self.ema.swap(self.engine):
+                with self.ema.swap():
                     res = evaluate(self.engine, self.val_loader, self.device)
                 out.update({"ema_top1": res["top1"], "ema_top5": res["top5"], "ema_loss": res["loss"]})
         finally:
             self.engine.train()
         return out
 
-    # ---- the loop -------------------------------------------------------------------------------
+    # ---- one micro-step -------------------------------------------------------------------------
+    def train_step(self, batch) -> StepResult:
+        """One micro-batch `(images, targets, ...)` just taken from the train loader: LR at an update's
+        start, seeding, forward, loss, the stop/non-finite agreement, backward and the engine's step.
+
+        A per-batch device transform (e.g. decoding on the device) belongs before `self.engine(...)`."""
+        epoch = self.train_loader.epoch
+        micro = self.train_loader.samples_seen // (self.world * self.plan.micro_batch) - 1  # this batch
+        if micro % self.accum == 0:  # the first micro-batch of an update
+            lr = self._set_lr(epoch, micro)
+            if self.trace is not None:
+                self.trace.begin(self.step + 1, epoch, lr)
+        if self.trace is not None:
+            self.trace.add(self.train_loader.last_samples)
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, micro, self.rank))
+        loss = self.loss(self.engine(batch[0]), batch)
+        stop, finite = self._agree(loss)
+        if finite:
+            self.engine.backward(loss)
+        elif self.cfg.train.nonfinite == "stop":
+            raise TrainingError(f"non-finite loss at step {self.step} (epoch {epoch}); the last good "
+                                f"checkpoint is {ckpt.read_latest(self.ckpt_dir)}. Lower optim.lr, enable "
+                                f"optim.clip_grad, or set train.nonfinite=skip")
+        elif self.rank == 0:
+            print(f"warning: non-finite loss at step {self.step}: micro-batch skipped", flush=True)
+        stepped = self.engine.step() if finite else False
+        if stepped:
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update()
+        return StepResult(loss.detach(), batch[0].shape[0], finite, stop, (micro + 1) % self.accum == 0,
+                          stepped)
+
+    def _set_lr(self, epoch: int, micro: int) -> float:
+        """Set every client optimizer group to the next update's LR, a pure function of the position."""
+        o = self.cfg.optim
+        lr = lr_at(o.schedule, epoch=epoch, update=epoch * self.steps_per_epoch + micro // self.accum,
+                   steps_per_epoch=self.steps_per_epoch, peak=peak_lr(self.cfg), warmup_lr=o.warmup_lr,
+                   min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, epochs=self.cfg.train.epochs)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """One small all_reduce per micro-step: (any rank asked to stop, any rank's loss non-finite)."""
+        """One small all_reduce per micro-step: (any rank asked to stop, every rank's loss finite)."""
         flags = torch.stack([torch.tensor(float(self.stop.requested), device=loss.device),
                              (~torch.isfinite(loss.detach())).float()])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, bad = flags.tolist()
-        return stop > 0, bad > 0
+        return stop > 0, bad == 0
 
+    # ---- the loop -------------------------------------------------------------------------------
     def run(self, writer: MetricsWriter) -> int:
-        cfg = self.cfg
-        smoothing = cfg.data.smoothing
-        window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.perf_counter()}
+        """Epochs until done; returns the exit code (EXIT_REQUEUE after a signal's checkpoint)."""
         self.engine.train()
         try:
-            while self.pos.epoch < cfg.train.epochs and not self._max_steps_reached():
-                self.train_loader.set_epoch(self.pos.epoch)
-                if self.loader_state is not None:
-                    self.train_loader.load_state_dict(self.loader_state)
-                    self.loader_state = None
-                micro_limit = self.steps_per_epoch * self.accum
-                it = iter(self.train_loader)
-                exhausted = False
-                while self.pos.micro_in_epoch < micro_limit:
-                    self.watchdog.enter(f"step {self.pos.step + 1} (epoch {self.pos.epoch})")
-                    t_wait = time.perf_counter()
-                    try:
-                        images, targets = next(it)
-                    except StopIteration:
-                        # after a resume at another world size the loader's exact sample position may
-                        # end the epoch a micro-batch before our rounded count does (same on all ranks)
-                        exhausted = True
-                        break
-                    window["wait"] += time.perf_counter() - t_wait
-                    if self.pos.micro_in_epoch % self.accum == 0:  # the first micro-batch of an update
-                        lr = self._set_lr()
-                        if self.trace is not None:
-                            self.trace.begin(self.pos.step + 1, self.pos.epoch, lr)
-                    if self.trace is not None:
-                        self.trace.add(self.train_loader.last_samples)
-                    torch.manual_seed(step_seed(cfg.seed, self.pos.step, self.pos.micro_in_epoch, self.rank))
-                    loss = loss_fn(self.engine(images), targets, smoothing)
-                    stop, bad = self._agree(loss)
-                    self.pos.micro_in_epoch += 1
-                    if bad:
-                        if cfg.train.nonfinite == "stop":
-                            raise TrainingError(
-                                f"non-finite loss at step {self.pos.step} (epoch {self.pos.epoch}); the last "
-                                f"good checkpoint is {ckpt.read_latest(self.ckpt_dir)}. Lower optim.lr, "
-                                f"enable optim.clip_grad, or set train.nonfinite=skip")
-                        if self.rank == 0:
-                            print(f"warning: non-finite loss at step {self.pos.step}: micro-batch skipped",
-                                  flush=True)
-                    else:
-                        self.engine.backward(loss)
-                        window["loss"] += loss.item()
-                        window["n"] += 1
-                    window["images"] += images.shape[0]
-                    before = self.engine.global_steps
-                    if not bad:
-                        self.engine.step()
-                    if self.pos.micro_in_epoch % self.accum:
-                        continue
-                    if self.engine.global_steps != before:
-                        self.pos.step += 1
-                        if self.ema is not None:
-                            self.ema.update()
-                    if self.trace is not None:
-                        self.trace.end()
-                    writer.advance(self.pos.step)
-                    if self.pos.step % cfg.metrics.log_every == 0:
-                        self._log(writer, window)
-                    if stop:
-                        self.save()
-                        writer.write({"kind": "end", "step": self.pos.step, "epoch": self.pos.epoch,
-                                      "reason": "signal"})
-                        return EXIT_REQUEUE
-                    if self._max_steps_reached():
-                        break
-                    if (cfg.checkpoint.every_steps and self.pos.step % cfg.checkpoint.every_steps == 0
-                            and self.pos.micro_in_epoch < micro_limit):  # else the epoch-end save follows
-                        self.save()
-                        window["t0"] = time.perf_counter()  # a save is not step time
-                getattr(it, "close", lambda: None)()  # stops loader workers of an unfinished pass
-                if self.pos.micro_in_epoch >= micro_limit or exhausted:
-                    self.pos.epoch += 1
-                    self.pos.micro_in_epoch = 0
-                    if cfg.train.eval_every_epochs and self.pos.epoch % cfg.train.eval_every_epochs == 0:
-                        self.watchdog.enter(f"evaluation after epoch {self.pos.epoch}")
-                        res = self.evaluate()
-                        writer.write({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, **res,
-                                      **self.best.update(self.pos.epoch, res)})
+            while self.position().epoch < self.cfg.train.epochs and not self._max_steps_reached():
+                epoch = self.position().epoch
+                if self._train_epoch(writer, epoch):
+                    writer.write({"kind": "end", "step": self.step, "epoch": epoch, "reason": "signal"})
+                    return EXIT_REQUEUE
+                done, every = self.position().epoch, self.cfg.train.eval_every_epochs
+                if done > epoch and every and done % every == 0:
+                    self.watchdog.enter(f"evaluation after epoch {done}")
+                    res = self.evaluate()
+                    writer.write({"kind": "eval", "step": self.step, "epoch": done, **res,
+                                  **self.best.update(done, res)})
                 self.save()
-                window["t0"] = time.perf_counter()
+                self.window.t0 = time.perf_counter()
         except RuntimeError as e:
-            if isinstance(e, TrainingError):
+            error = None if isinstance(e, TrainingError) else peer_loss(e, self.step, self.rank)
+            if error is None:
                 raise
-            text = str(e).lower()
-            if "timed out" in text or "timeout" in text:
-                raise TrainingError(f"a collective timed out at step {self.pos.step} (rank {self.rank}): "
-                                    f"another rank is hung or dead ({str(e).splitlines()[0]})") from e
-            if "connection" in text or "peer" in text:
-                raise TrainingError(f"lost a peer at step {self.pos.step} (rank {self.rank}): "
-                                    f"{str(e).splitlines()[0]}") from e
-            raise
-        writer.write({"kind": "end", "step": self.pos.step, "epoch": self.pos.epoch, "reason": "finished"})
+            raise error from e
+        writer.write({"kind": "end", "step": self.step, "epoch": self.position().epoch, "reason": "finished"})
         return EXIT_FINISHED
 
-    def _max_steps_reached(self) -> bool:
-        return bool(self.cfg.train.max_steps) and self.pos.step >= self.cfg.train.max_steps
+    def _train_epoch(self, writer: MetricsWriter, epoch: int) -> bool:
+        """The steps of `epoch` from where its loader stands, until its last step or max_steps; True when
+        stopped on a signal (the checkpoint saved)."""
+        self.train_loader.set_epoch(epoch)
+        it = iter(self.train_loader)
+        try:
+            while self.position().epoch == epoch:
+                self.watchdog.enter(f"step {self.step + 1} (epoch {epoch})")
+                t_wait = time.perf_counter()
+                batch = next(it)
+                self.window.wait += time.perf_counter() - t_wait
+                result = self.train_step(batch)
+                self.window.add(result)
+                if not result.boundary:
+                    continue
+                if self.trace is not None:
+                    self.trace.end()
+                writer.advance(self.step)
+                if self.step % self.cfg.metrics.log_every == 0:
+                    self._log(writer, epoch)
+                if result.stop:
+                    self.save()
+                    return True
+                if self._max_steps_reached():
+                    break
+                if (self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0
+                        and self.position().epoch == epoch):  # else the epoch-end save follows
+                    self.save()
+                    self.window.t0 = time.perf_counter()  # a save is not step time
+        finally:
+            getattr(it, "close", lambda: None)()  # stops loader workers of an unfinished pass
+        return False
 
-    def _log(self, writer: MetricsWriter, window: dict) -> None:
-        stats = torch.tensor([window["loss"], float(window["n"])], dtype=torch.float64, device=self.device)
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.step >= self.cfg.train.max_steps
+
+    def _log(self, writer: MetricsWriter, epoch: int) -> None:
+        w = self.window
+        stats = torch.stack([w.loss, torch.tensor(float(w.n), dtype=torch.float64, device=self.device)])
         dist.all_reduce(stats)
-        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        images = window["images"] * self.world
-        steps = max(1, window["images"] // (self.plan.micro_batch * self.accum))
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        elapsed = max(time.perf_counter() - w.t0, 1e-9)
+        images = w.images * self.world
+        steps = max(1, w.images // (self.plan.micro_batch * self.accum))
         ips = images / elapsed
         writer.write({
-            "kind": "train", "step": self.pos.step, "epoch": self.pos.epoch,
+            "kind": "train", "step": self.step, "epoch": epoch,
             "loss": stats[0].item() / max(stats[1].item(), 1.0),
-            "lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(),
             "images_per_s": ips, "images_per_s_per_device": ips / self.world,
-            "step_time_s": elapsed / steps, "data_wait_frac": min(1.0, window["wait"] / elapsed),
+            "step_time_s": elapsed / steps, "data_wait_frac": min(1.0, w.wait / elapsed),
             "mfu": mfu(ips, self.flops, self.world, self.cfg.metrics.peak_tflops),
             "max_mem_gb": max_memory_gb(self.device),
         })
-        window.update({"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.perf_counter()})
+        w.reset()

@@ -1,4 +1,5 @@
-"""The `train` command: config -> distributed setup -> loaders, model, DeepSpeed engine -> resume -> loop.
+"""The `train` command: config -> distributed setup -> resume point -> loaders, model, engine -> restore
+-> loop.
 
     python -m pipeline train --config configs/rmt_l.yaml [dotted.key=value ...] [--print-deepspeed-config]
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import random
 from pathlib import Path
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pipeline.train.run_dir import RUN_RECORDS, RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,62 +32,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the generated DeepSpeed config (for this world size) and exit")
 
 
-def _quiet_deepspeed() -> None:
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
+    from pipeline.train.build import build_model, plan_for, plan_line
     from pipeline.train.config import ConfigError, load_config
-    from pipeline.train.engine import build_model, deepspeed_config, initialize, plan_for, plan_line
+    from pipeline.train.engines import deepspeed_zero as backend
     from pipeline.train.loop import StopFlag, Trainer
+    from pipeline.train.losses import build_loss
 
     cfg = load_config(args.config, args.overrides)
     env = distributed.detect()
     device = distributed.choose_device(cfg.train.device, env.local_rank)
     if args.print_deepspeed_config:
-        print(json.dumps(deepspeed_config(cfg, env.world_size, device.type), indent=2))
+        print(json.dumps(backend.config(cfg, env.world_size, device.type), indent=2))
         return 0
     stop = StopFlag()
     stop.install()  # before anything slow, so an early signal is not lost
-    _quiet_deepspeed()
+    loss = build_loss(cfg)  # an unknown train.loss is bad input: named before anything is written
     # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
     # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
     plan = plan_for(cfg, env.world_size)  # before any process group: an indivisible batch is bad input
     distributed.init(env, device, 2 * cfg.train.collective_timeout_s)
 
     output_dir = Path(cfg.output_dir)
-    ckpt_dir = output_dir / "checkpoints"
+    ckpt_dir = RunDir(output_dir).checkpoints
     lock = _take_run_dir(output_dir, env.rank)
     try:
         log = (lambda msg: print(msg, flush=True)) if env.rank == 0 else (lambda msg: None)
         log(plan_line(cfg, plan))
         if cfg.checkpoint.resume:
-            tag = ckpt.choose_resume(ckpt_dir, log)
+            # what to resume from is decided before the engine starts: a universal load is a config switch
+            resume = ckpt.prepare_resume(ckpt_dir, cfg, env.world_size, log)
         else:
             _start_over(cfg, output_dir, env.rank)
-            tag = None
-        load_tag = tag
+            resume = None
         run_id = _new_run_id()
-        if tag is not None:
-            meta = ckpt.read_meta(ckpt_dir / tag)
-            ckpt.check_compatible(meta, cfg, ckpt_dir / tag)
-            run_id = meta.get("run_id") or run_id
+        if resume is not None:
+            run_id = resume.meta.get("run_id") or run_id
         if env.rank == 0:  # the start is accepted: only now does the run dir get this start's config
-            _record_config(cfg, output_dir, tag)
-        # what to resume from is decided before DeepSpeed starts: a universal load is a config switch
-        if tag is not None:
-            if meta["world_size"] != env.world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage:
-                if env.rank == 0:
-                    print(f"resuming {tag} (world size {meta['world_size']}, ZeRO-{meta['zero_stage']}) at "
-                          f"world size {env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: converting to a "
-                          "universal checkpoint", flush=True)
-                    ckpt.convert_to_universal(ckpt_dir, tag)
-                dist.barrier()
-                load_tag = f"{tag}_universal"
+            _record_config(cfg, output_dir, resume.tag if resume else None)
 
         from pipeline.data.load.loader import build_train_loader, build_val_loader
 
@@ -105,27 +91,26 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(device)
         flops = _forward_flops(model, cfg.data.img_size) if env.rank == 0 else 0.0
-        engine, optimizer = initialize(cfg, model, env.world_size, device, load_universal=load_tag != tag)
+        engine = backend.build(cfg, model, env.world_size, device,
+                               load_universal=resume is not None and resume.converted)
         ema = None
         if cfg.ema.enabled:
             from pipeline.train.ema import ShardedEma, effective_decay
 
             decay = effective_decay(cfg.ema.decay, plan.global_batch, cfg.ema.base_batch,
                                     cfg.ema.scale_with_batch)
-            ema = ShardedEma(engine.module, decay)
-        trainer = Trainer(cfg, plan, engine, optimizer, ema, train_loader, val_loader, device, output_dir,
+            ema = ShardedEma(engine.module, decay, engine)
+        trainer = Trainer(cfg, plan, engine, loss, ema, train_loader, val_loader, device, output_dir,
                           flops, stop, run_id)
-        if tag is not None:
-            client_state, rank_state, ema_state = ckpt.load(engine, ckpt_dir, tag, load_tag)
-            trainer.restore(client_state, rank_state, ema_state)
-            if env.rank == 0:
-                print(f"resumed from {ckpt_dir / tag} at step {trainer.pos.step}, epoch {trainer.pos.epoch}",
-                      flush=True)
+        if resume is not None:
+            ckpt.restore(engine, ckpt_dir, resume, trainer)
+            log(f"resumed from {ckpt_dir / resume.tag} at step {trainer.step}, "
+                f"epoch {trainer.position().epoch}")
 
         from pipeline.train.metrics import MetricsWriter
 
         writer = MetricsWriter(output_dir, env.rank, cfg.metrics.tensorboard, cfg.metrics.progress,
-                               trainer.total_steps, trainer.pos.step)
+                               trainer.total_steps, trainer.step)
         try:
             code = trainer.run(writer)
         finally:
@@ -179,22 +164,23 @@ def _start_over(cfg, output_dir: Path, rank: int) -> None:
 
     from pipeline.train import checkpoint as ckpt
 
-    ckpt_dir, error = output_dir / "checkpoints", None
+    layout = RunDir(output_dir)
+    ckpt_dir, error = layout.checkpoints, None
     if rank == 0 and ckpt.has_checkpoints(ckpt_dir):
         if cfg.checkpoint.start_over == "no":
             error = (f"checkpoint.resume=false but {ckpt_dir} has checkpoints of an earlier run: resume "
                      f"(drop checkpoint.resume=false), use a new output_dir, or set "
-                     f"checkpoint.start_over=move (kept under {output_dir / 'superseded'}) or =delete")
+                     f"checkpoint.start_over=move (kept under {layout.superseded}) or =delete")
         elif cfg.checkpoint.start_over == "move":
-            aside = output_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            aside = layout.superseded / time.strftime("%Y%m%d-%H%M%S")
             aside.mkdir(parents=True)
-            for name in ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", "config_history"):
+            for name in (ckpt_dir.name, *RUN_RECORDS):
                 if (output_dir / name).exists():
                     os.replace(output_dir / name, aside / name)
             print(f"started over: the earlier run is kept in {aside}", flush=True)
         else:
             shutil.rmtree(ckpt_dir)
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            layout.metrics.unlink(missing_ok=True)
             print(f"started over: deleted the earlier run's checkpoints in {ckpt_dir}", flush=True)
     _agree(error)
 
@@ -213,8 +199,8 @@ def _record_config(cfg, output_dir: Path, resumed_tag: str | None) -> None:
     checkpoint read the copy inside the checkpoint, so they always see the config its weights had)."""
     from pipeline.train.config import save_config
 
-    save_config(cfg, output_dir / "config.yaml")
-    history = output_dir / "config_history"
+    save_config(cfg, RunDir(output_dir).config)
+    history = RunDir(output_dir).config_history
     history.mkdir(exist_ok=True)
     n = len(list(history.glob("*.yaml")))
     save_config(cfg, history / f"{n:03d}-{resumed_tag or 'fresh'}.yaml")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.train.run_dir import RunDir
+
 
 def max_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -42,11 +44,11 @@ class MetricsWriter:
         self.bar = None
         if not self.enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        self.file = open(RunDir(output_dir).metrics, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step or None)
+            self.tb = SummaryWriter(str(RunDir(output_dir).tensorboard), purge_step=start_step or None)
         use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         if use_bar:
             from tqdm import tqdm

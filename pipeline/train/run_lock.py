@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.train.run_dir import LOCK_FILE
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = LOCK_FILE
 
 
 class RunLockedError(InputError):

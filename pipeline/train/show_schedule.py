@@ -37,7 +37,7 @@ def train_samples(root: str, fallback: int | None) -> int:
 def epochs(cfg, plan, num_samples: int) -> list[dict]:
     """One record per epoch of `cfg` at `plan` over `num_samples` training samples."""
     from pipeline.errors import InputError
-    from pipeline.train.engine import peak_lr
+    from pipeline.train.build import peak_lr
     from pipeline.train.schedule import epoch_mean_lr
 
     steps = num_samples // plan.global_batch
@@ -53,8 +53,8 @@ def epochs(cfg, plan, num_samples: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.train.build import plan_for, plan_line
     from pipeline.train.config import load_config
-    from pipeline.train.engine import plan_for, plan_line
 
     cfg = load_config(args.config, args.overrides)
     plan = plan_for(cfg, args.world_size)

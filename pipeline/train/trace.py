@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.train.run_dir import RunDir
+
 
 class SampleTrace:
     def __init__(self, output_dir: Path, rank: int):
-        folder = Path(output_dir) / "trace"
+        folder = RunDir(output_dir).trace
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / f"rank_{rank:05d}.jsonl", "a", buffering=1)
         self.record: dict | None = None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 from pipeline.train import checkpoint_verify as verify
+from pipeline.train.run_dir import RunDir
 
 TAG_PREFIX = "step_"
 
@@ -27,7 +28,7 @@ def _tag_dirs(path: Path) -> list[Path]:
         raise InputError(f"'{path}' is not a directory: pass a run dir or a checkpoints/step_* dir")
     if path.name.startswith(TAG_PREFIX):
         return [path]
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpt_dir = RunDir(path).checkpoints if RunDir(path).is_run_dir() else path
     dirs = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
                   and not p.name.endswith("_universal"))
     if not dirs:

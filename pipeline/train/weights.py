@@ -8,8 +8,6 @@ architecture that config names, so nothing is evaluated or written under the wro
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 
 from pipeline.train.checkpoint import CONFIG_FILE, EMA_FILE, CheckpointError, is_complete, read_latest
 from pipeline.train.config import Config, load_config
+from pipeline.train.run_dir import RunDir
 
 
 @dataclass
@@ -40,17 +39,17 @@ def resolve_source(arg: str, config: str | None = None) -> Source:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint '{p}' does not exist: pass a run dir, a checkpoints/step_* dir "
                               "or a weights file")
-    if (p / "checkpoints").is_dir():  # a run dir
-        tag = read_latest(p / "checkpoints")
+    if RunDir(p).is_run_dir():
+        tag = read_latest(RunDir(p).checkpoints)
         if tag is None:
-            raise CheckpointError(f"run '{p}' has no complete checkpoint (checkpoints/latest missing)")
-        tag_dir, run_dir = p / "checkpoints" / tag, p
+            raise CheckpointError(f"run '{p}' has no complete checkpoint ({RunDir(p).latest} missing)")
+        tag_dir, run_dir = RunDir(p).checkpoints / tag, p
     else:
         if not is_complete(p):
             raise CheckpointError(f"checkpoint '{p}' is incomplete or not a checkpoint dir (no meta.json)")
         tag_dir, run_dir = p, p.parent.parent
     own = tag_dir / CONFIG_FILE
-    cfg_path = Path(config) if config else (own if own.is_file() else run_dir / CONFIG_FILE)
+    cfg_path = Path(config) if config else (own if own.is_file() else RunDir(run_dir).config)
     if not cfg_path.is_file():
         raise CheckpointError(f"no config for '{p}': {cfg_path} is missing; pass --config")
     return Source("deepspeed", tag_dir, cfg_path)
@@ -67,11 +66,9 @@ def consolidated_weights(source: Source, ema: bool, cfg: Config) -> dict[str, to
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{source.path}' has no EMA ({EMA_FILE}): drop --ema")
         return torch.load(path, map_location="cpu", weights_only=True)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pipeline.train.engines.deepspeed_zero import consolidated_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-        state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return consolidated_state_dict(source.path)
 
 
 def build_checked(cfg: Config, state: dict[str, torch.Tensor], origin: Path) -> torch.nn.Module:
