@@ -161,7 +161,8 @@ class BetonWriter:
         os.unlink(self.path)
 
     # the format-writer protocol (pipeline.data.formats); `path` ends in ".tmp"
-    def put(self, key: str, label: int, payload: tuple[int, int, int, bytes]) -> None:
+    def put(self, key: str, label: int, payload: tuple[int, int, int, bytes], label_map: None) -> None:
+        """`label_map` is always None: `check` refuses LABELS until the .beton has a field for it."""
         self.add(payload, label)
 
     def finish(self) -> tuple[int, int, str]:
@@ -177,6 +178,8 @@ class BetonWriter:
 
 def check(opts: dict) -> None:
     """One-line errors for bad --ffcv-* settings."""
+    if opts["labels"]:
+        raise DataError("LABELS: label maps in the .beton are not written yet; use FORMATS=wds with LABELS")
     settings = opts["ffcv"]
     if settings["write_mode"] not in WRITE_MODES:
         raise DataError(f"--ffcv-write-mode {settings['write_mode']}: choose one of {', '.join(WRITE_MODES)}")

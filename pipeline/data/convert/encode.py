@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data import label_maps
 from pipeline.data.convert.imagenet import InputFile, read_input
+from pipeline.data.errors import DataError
 from pipeline.data.formats import FORMATS
 
 
@@ -58,10 +60,12 @@ def init_worker() -> None:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An input file ready to write: per wanted format its payload and a note on any change made to it."""
+    """An input file ready to write: per wanted format its payload and a note on any change made to it,
+    and its encoded label map (`pipeline.data.label_maps`; None without LABELS)."""
 
     payloads: dict[str, object]
     notes: dict[str, str | None]
+    label_map: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,10 @@ class Rejected:
     reason: str
 
 
-def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict) -> list[Encoded | Rejected]:
-    """An `Encoded` (payloads for `formats`) or a `Rejected` per entry."""
+def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict,
+                  labels: str | None = None) -> list[Encoded | Rejected]:
+    """An `Encoded` (payloads for `formats`; with `labels`, a label-map folder, the entry's map) or a
+    `Rejected` (also for a missing or malformed map) per entry."""
     writers = [FORMATS[f].writer_module() for f in formats]
     full = any(w.needs_pixels(opts) for w in writers)
     out: list[Encoded | Rejected] = []
@@ -86,6 +92,14 @@ def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict
         if im is None:
             out.append(Rejected(reason))
             continue
+        label_map = None
+        if labels is not None:
+            try:
+                label_map = label_maps.encode(*label_maps.read_pt(labels, e.key, opts["classes"]))
+            except DataError as err:
+                out.append(Rejected(str(err)))
+                continue
         done = {f: w.encode(data, im, e.key, opts) for f, w in zip(formats, writers, strict=True)}
-        out.append(Encoded({f: p for f, (p, _) in done.items()}, {f: n for f, (_, n) in done.items()}))
+        out.append(Encoded({f: p for f, (p, _) in done.items()}, {f: n for f, (_, n) in done.items()},
+                           label_map))
     return out

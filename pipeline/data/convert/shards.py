@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import formats as registry
-from pipeline.data import manifest
+from pipeline.data import label_maps, manifest
 from pipeline.data.convert.beton import FFCV_DEFAULTS, WRITE_MODES
 from pipeline.data.convert.encode import Rejected, init_worker, process_chunk
 from pipeline.data.convert.imagenet import ImageNetInput, InputFile, detect
@@ -100,11 +100,12 @@ def _display(path: str, src: str) -> str:
 def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int | None = None,
                  seed: int = 0, shard_bytes: int = 10**9, max_side: int | None = None,
                  quality: int | None = None, ffcv: dict | None = None, classes: int = 1000,
-                 allow_bad: int = 0, progress: bool = True, log=print) -> dict:
-    """Write shards of `src` into `out` (see module docstring); returns the manifest."""
+                 allow_bad: int = 0, progress: bool = True, log=print, labels: str | None = None) -> dict:
+    """Write shards of `src` into `out` (see module docstring); returns the manifest. `labels`: a folder
+    of TokenLabeling label maps (`pipeline.data.label_maps`), stored with each train image."""
     try:
         return _write_shards(src, Path(out), formats, workers, seed, shard_bytes, max_side, quality, ffcv,
-                             classes, allow_bad, progress, log)
+                             classes, allow_bad, progress, log, labels)
     except OSError as e:
         if e.errno in _DISK_ERRNOS:
             raise DataError(
@@ -115,12 +116,16 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
 
 
 def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side, quality, ffcv, classes,
-                  allow_bad, progress, log) -> dict:
+                  allow_bad, progress, log, labels) -> dict:
     formats = [f for f in FORMATS if f in formats]
     if not formats:
         raise DataError(f"no output format chosen: FORMATS must name one or both of {' '.join(FORMATS)}")
     opts = {"seed": seed, "shard_bytes": int(shard_bytes), "max_side": max_side, "quality": quality,
-            "ffcv": {**FFCV_DEFAULTS, **(ffcv or {})}}
+            "ffcv": {**FFCV_DEFAULTS, **(ffcv or {})}, "classes": classes,
+            "labels": {"train": os.path.abspath(labels)} if labels else {}}
+    if labels and not os.path.isdir(labels):
+        raise DataError(f"LABELS={labels} is not a folder: give TokenLabeling's label-map folder "
+                        "(<wnid>/<key>.pt), or make one with python -m pipeline label-maps")
     for f in formats:
         _writer(f).check(opts)
     workers = default_workers() if workers is None else workers
@@ -225,7 +230,7 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
                     if isinstance(r, Rejected):
                         rejected.append({"path": _display(e.path, src), "reason": r.reason})
                         continue
-                    writer.put(e.key, e.label, r.payloads[f])
+                    writer.put(e.key, e.label, r.payloads[f], r.label_map)
                     if r.notes[f]:
                         converted.append({"path": _display(e.path, src), "reason": r.notes[f]})
             if bar is not None:
@@ -247,7 +252,8 @@ def _in_order(pool, job: SplitJob, depth: int, opts: dict):
     try:
         for task in job.tasks():
             lo, hi, wanted = task
-            window.append((task, pool.submit(process_chunk, job.order[lo:hi], wanted, opts)))
+            window.append((task, pool.submit(process_chunk, job.order[lo:hi], wanted, opts,
+                                             opts["labels"].get(job.split))))
             if len(window) >= depth:
                 task, future = window.popleft()
                 yield task, future.result()
@@ -277,6 +283,8 @@ def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, 
         entry["rejected"] = sorted((x for r in first for x in r["rejected"]), key=lambda r: r["path"])
         entry["converted"] = sorted((x for r in first for x in r["converted"]), key=lambda r: r["path"])
         entry["num_samples"] = len(job.order) - len(entry["rejected"])
+        if job.split in opts["labels"]:
+            entry["label_maps"] = {"member": label_maps.MEMBER, "encoding": label_maps.MAGIC.decode()}
         for fmt in formats:
             got = entry[fmt]["num_samples"]
             if got != entry["num_samples"]:
@@ -285,6 +293,8 @@ def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, 
     options = {"formats": list(formats), "seed": opts["seed"], "shard_bytes": opts["shard_bytes"],
                "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(inputs.classes),
                "allow_bad": allow_bad, **{f"ffcv_{k}": v for k, v in opts["ffcv"].items()}}
+    if opts["labels"]:
+        options["labels"] = opts["labels"]["train"]
     return manifest.build(inputs.classes, options, inputs.describe(), splits)
 
 
@@ -350,6 +360,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FFCV: share stored as JPEG in write mode proportion (default: %(default)s)")
     parser.add_argument("--ffcv-page-size", type=int, default=d["page_size"],
                         help="FFCV page size in bytes, a power of two (default: %(default)s)")
+    parser.add_argument("--labels", default=None,
+                        help="TokenLabeling label-map folder (<wnid>/<key>.pt): store each train image's map "
+                             "(WebDataset member .tlm); a missing or bad map is rejected like a bad image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -360,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         write_shards(args.src, args.out, formats=args.formats, workers=args.workers, seed=args.seed,
                      shard_bytes=int(args.shard_bytes), max_side=args.max_side, quality=args.quality,
-                     ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress)
+                     ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress,
+                     labels=args.labels)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The WebDataset shard writer: `<key>.<ext>` + `<key>.cls` tar members with fixed metadata.
+"""The WebDataset shard writer: `<key>.<ext>` + `<key>.cls` (+ `<key>.tlm`) tar members, fixed metadata.
 
 Also the `wds` format's writer side for `pipeline.data.formats` (see there): the plan of a split's
 shards, the per-sample payload (the original bytes, or a re-encoded JPEG) and the manifest section.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.data import label_maps
 from pipeline.data.convert.outputs import HashingFile, Output, plan_hash
 from pipeline.data.errors import DataError
 
@@ -30,9 +31,11 @@ class TarWriter(HashingFile):
         super().__init__(path)
         self.num_samples = 0
 
-    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
+    def add(self, key: str, ext: str, data: bytes, label: int, label_map: bytes | None = None) -> None:
         self._member(f"{key}.{ext}", data)
         self._member(f"{key}.cls", str(label).encode("ascii"))
+        if label_map is not None:
+            self._member(f"{key}.{label_maps.MEMBER}", label_map)
         self.num_samples += 1
 
     def _member(self, name: str, data: bytes) -> None:
@@ -50,8 +53,8 @@ class TarWriter(HashingFile):
         super().commit()
 
     # the format-writer protocol (pipeline.data.formats)
-    def put(self, key: str, label: int, payload: tuple[str, bytes]) -> None:
-        self.add(key, payload[0], payload[1], label)
+    def put(self, key: str, label: int, payload: tuple[str, bytes], label_map: bytes | None) -> None:
+        self.add(key, payload[0], payload[1], label, label_map)
 
     def finish(self) -> tuple[int, int, str]:
         self.commit()
@@ -84,6 +87,8 @@ def plan(split: str, order: list, opts: dict) -> list[Output]:
         size += e.size + MEMBER_OVERHEAD
     bounds.append((start, len(order)))
     wds_opts = {k: opts[k] for k in ("seed", "shard_bytes", "max_side", "quality")}
+    if split in opts["labels"]:  # only then: plans (and resume records) without maps stay as they were
+        wds_opts["labels"] = opts["labels"][split]
     return [Output(f"{split}-{k:06d}.tar", a, b, plan_hash(order[a:b], wds_opts))
             for k, (a, b) in enumerate(bounds)]
 
