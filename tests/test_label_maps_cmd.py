@@ -1,4 +1,4 @@
-"""`label-maps`: maps from a tiny teacher (rmt_t, random weights) on the fake ImageNet; resume; into shards."""
+"""`label-maps`: maps from a tiny teacher (rmt_t, random weights) on the fake ImageNet; resume; shards."""
 
 import os
 
@@ -9,7 +9,7 @@ from pipeline.cli import main
 from pipeline.data import label_maps
 from pipeline.data.convert import fake, shards
 from pipeline.data.convert.imagenet import detect, read_input
-from pipeline.label_maps_cmd import teacher_input, generate, load_teacher, position_logits
+from pipeline.label_maps_cmd import generate, load_teacher, position_logits, teacher_input
 
 CLASSES = 6
 
