@@ -59,16 +59,17 @@ FORMATS ?= wds ffcv
 WORKERS ?=
 CLASSES ?= 1000
 SHARDS_ARGS ?=
+LABELS ?=
 FAKE_OUT ?= data/fake-imagenet
 FAKE_ARGS ?= --layouts all
 .PHONY: fake-imagenet shards verify-shards bench-shards
 fake-imagenet: setup  ## a small learnable fake ImageNet in every layout under FAKE_OUT (FAKE_ARGS: see --help)
 	$(PY) -m pipeline fake-imagenet --out $(FAKE_OUT) $(FAKE_ARGS)
 
-shards: setup  ## SRC=/data/imagenet [OUT=shards/imagenet1k FORMATS="wds ffcv" WORKERS=n CLASSES=1000]
+shards: setup  ## SRC=/data/imagenet [OUT=shards/imagenet1k FORMATS="wds ffcv" WORKERS=n CLASSES=1000 LABELS=maps]
 	@test -n "$(SRC)" || { echo "error: set SRC to your ImageNet folder: make shards SRC=/data/imagenet"; exit 2; }
 	$(PY) -m pipeline shards --src "$(SRC)" --out "$(OUT)" --formats $(FORMATS) --classes $(CLASSES) \
-	  $(if $(WORKERS),--workers $(WORKERS)) $(SHARDS_ARGS)
+	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(LABELS),--labels "$(LABELS)") $(SHARDS_ARGS)
 
 verify-shards: setup  ## re-read OUT: checksums, counts, keys, labels, every image decodes
 	$(PY) -m pipeline verify-shards "$(OUT)" $(if $(WORKERS),--workers $(WORKERS))

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("pipeline.data.convert.shards",
                "ImageNet -> WebDataset shards + FFCV .beton files + manifest.json"),
     "verify-shards": ("pipeline.data.convert.verify", "re-read shards: checksums, keys, labels, images"),
+    "label-maps": ("pipeline.label_maps_cmd", "TokenLabeling label maps of the train images from a teacher"),
     "verify-checkpoint": ("pipeline.train.verify_checkpoint",
                           "check a run's checkpoints (sizes, sha256) without loading them"),
     "schedule": ("pipeline.train.show_schedule",

@@ -2,6 +2,7 @@
 
     {"format_version": 1, "classes": [wnid, ...], "options": {...}, "source": {path, layout, labels},
      "splits": {"train" | "val": {"files_found", "num_samples", "rejected", "converted",
+                                  ["label_maps": {member, encoding}] (written with LABELS),
                                   "wds": {"shards": [{name, num_samples, bytes, sha256, first_index}],
                                           "num_samples", "bytes"},
                                   "ffcv": {name, num_samples, bytes, sha256}}}}

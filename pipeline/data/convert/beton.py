@@ -1,5 +1,7 @@
 """FFCV .beton writing: per-sample encoding in any process, page layout in one sequential writer.
 
+Also the `ffcv` format's writer side for `pipeline.data.formats`: one .beton per split.
+
 FFCV's own `DatasetWriter` cannot give byte-identical files: with several workers the pages are
 claimed in race order and the allocation table is concatenated in the order workers finish, and
 its `proportion` mode draws from an unseeded global RNG. Here the expensive part, FFCV's own
@@ -24,11 +26,15 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.convert.outputs import Output, fsync_dir, plan_hash, sha256_file
 from pipeline.data.errors import DataError
 
+NAME = "ffcv"  # the folder under OUT
+STALE_GLOB = "*.beton"
 FFCV_DEFAULTS = {"write_mode": "jpg", "max_resolution": 512, "jpeg_quality": 90, "compress_probability": 0.5,
                  "page_size": 1 << 23}
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -153,3 +159,71 @@ class BetonWriter:
         except OSError:
             pass
         os.unlink(self.path)
+
+    # the format-writer protocol (pipeline.data.formats); `path` ends in ".tmp"
+    def put(self, key: str, label: int, payload: tuple[int, int, int, bytes], label_map: None) -> None:
+        """`label_map` is always None: `check` refuses LABELS until the .beton has a field for it."""
+        self.add(payload, label)
+
+    def finish(self) -> tuple[int, int, str]:
+        """Close, rename to the final name; (samples, bytes, sha256)."""
+        self.close()
+        path = Path(self.path[: -len(".tmp")])
+        os.replace(self.path, path)
+        fsync_dir(path.parent)
+        return self.count, path.stat().st_size, sha256_file(path)
+
+
+# ---------------------------------------------------------------- the format-writer protocol
+
+def check(opts: dict) -> None:
+    """One-line errors for bad --ffcv-* settings."""
+    if opts["labels"]:
+        raise DataError("LABELS: label maps in the .beton are not written yet; use FORMATS=wds with LABELS")
+    settings = opts["ffcv"]
+    if settings["write_mode"] not in WRITE_MODES:
+        raise DataError(f"--ffcv-write-mode {settings['write_mode']}: choose one of {', '.join(WRITE_MODES)}")
+    if not 1 <= int(settings["jpeg_quality"]) <= 100:
+        raise DataError(f"--ffcv-jpeg-quality {settings['jpeg_quality']}: give a quality from 1 to 100")
+    if not 0 <= float(settings["compress_probability"]) <= 1:
+        raise DataError(f"--ffcv-compress-probability {settings['compress_probability']}: give 0..1")
+    page = int(settings["page_size"])
+    if page < 1 << 21 or page & (page - 1) or page >= 1 << 32:
+        raise DataError(f"--ffcv-page-size {page}: give a power of two from 2 MiB to below 4 GiB")
+
+
+def preload() -> None:
+    """Import FFCV (seconds) once in the parent, so that forked workers inherit it."""
+    import ffcv.fields  # noqa: F401
+
+
+def plan(split: str, order: list, opts: dict) -> list[Output]:
+    """One .beton holding the whole split."""
+    return [Output(f"{split}.beton", 0, len(order), plan_hash(order, {"seed": opts["seed"], **opts["ffcv"]}))]
+
+
+def needs_pixels(opts: dict) -> bool:
+    return True
+
+
+_FIELDS: dict = {}  # per worker process: FFCV settings -> RGBImageField
+
+
+def encode(data: bytes, im, key: str, opts: dict) -> tuple[tuple[int, int, int, bytes], None]:
+    """(FFCV image of the decoded `im`, no note), in a worker."""
+    settings = tuple(sorted(opts["ffcv"].items()))
+    field = _FIELDS.get(settings)
+    if field is None:
+        field = _FIELDS[settings] = fields(opts["ffcv"])["image"]
+    rgb = np.asarray(im.convert("RGB"))
+    return encode_image(field, rgb, sample_seed(opts["seed"], key)), None
+
+
+def open_output(out: Path, output: Output, opts: dict) -> BetonWriter:
+    return BetonWriter(str(out / NAME / f"{output.name}.tmp"), opts["ffcv"], capacity=output.hi - output.lo)
+
+
+def section(outputs: list[Output], records: dict[str, dict]) -> dict:
+    """The split's `ffcv` manifest section (`pipeline.data.manifest`)."""
+    name = outputs[0].name
+    return {"name": name, **{k: records[name][k] for k in ("num_samples", "bytes", "sha256")}}

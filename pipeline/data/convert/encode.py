@@ -1,6 +1,7 @@
 """Per-sample work of the `shards` command, run in worker processes: read, decode (or reject), encode.
 
-Workers only read and encode; the main process (`pipeline.data.convert.shards`) writes the outputs.
+Workers only read and encode (each format's `encode`, `pipeline.data.formats`); the main process
+(`pipeline.data.convert.shards`) writes the outputs.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import io
 import re
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data import label_maps
 from pipeline.data.convert.imagenet import InputFile, read_input
-
-REENCODE_QUALITY = 95  # CMYK JPEGs, and --max-side without --quality
+from pipeline.data.errors import DataError
+from pipeline.data.formats import FORMATS
 
 
 def decode(data: bytes, full: bool = True) -> tuple[Image.Image | None, str | None]:
@@ -48,46 +49,6 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: " + re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
 
 
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _wds_payload(data: bytes, im: Image.Image, opts: dict) -> tuple[str, bytes, str | None]:
-    """(extension, bytes, note on any change) of the image as stored in the WebDataset shard."""
-    max_side, quality = opts["max_side"], opts["quality"]
-    too_big = max_side is not None and max(im.size) > max_side
-    if too_big or quality is not None:
-        rgb = im.convert("RGB")
-        if too_big:
-            scale = max_side / max(im.size)
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return "jpg", _jpeg(rgb, quality or REENCODE_QUALITY), None
-    if im.format == "PNG":
-        return "png", data, None
-    if im.mode not in ("RGB", "L"):
-        note = f"{im.mode} JPEG re-encoded as RGB JPEG (quality {REENCODE_QUALITY})"
-        with Image.open(io.BytesIO(data)) as full:  # `im` may be a reduced-size decode
-            return "jpg", _jpeg(full.convert("RGB"), REENCODE_QUALITY), note
-    return "jpg", data, None
-
-
-_FIELDS: dict = {}  # per worker process: FFCV settings -> RGBImageField
-
-
-def _ffcv_payload(im: Image.Image, key: str, opts: dict):
-    from pipeline.data.convert import beton as shard_ffcv
-
-    settings = tuple(sorted(opts["ffcv"].items()))
-    field = _FIELDS.get(settings)
-    if field is None:
-        field = _FIELDS[settings] = shard_ffcv.fields(opts["ffcv"])["image"]
-    rgb = np.asarray(im.convert("RGB"))
-    return shard_ffcv.encode_image(field, rgb, shard_ffcv.sample_seed(opts["seed"], key))
-
-
 def init_worker() -> None:
     try:
         import cv2
@@ -99,13 +60,12 @@ def init_worker() -> None:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An input file ready to write: its WebDataset member (`ext`, `wds`; None if not wanted), its FFCV
-    image (None if not wanted) and a note on any change made to it."""
+    """An input file ready to write: per wanted format its payload and a note on any change made to it,
+    and its encoded label map (`pipeline.data.label_maps`; None without LABELS)."""
 
-    ext: str | None
-    wds: bytes | None
-    ffcv: tuple | None
-    note: str | None
+    payloads: dict[str, object]
+    notes: dict[str, str | None]
+    label_map: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -115,11 +75,13 @@ class Rejected:
     reason: str
 
 
-def process_chunk(entries: list[InputFile], want_wds: bool, want_ffcv: bool,
-                  opts: dict) -> list[Encoded | Rejected]:
-    """An `Encoded` or a `Rejected` per entry."""
+def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict,
+                  labels: str | None = None) -> list[Encoded | Rejected]:
+    """An `Encoded` (payloads for `formats`; with `labels`, a label-map folder, the entry's map) or a
+    `Rejected` (also for a missing or malformed map) per entry."""
+    writers = [FORMATS[f].writer_module() for f in formats]
+    full = any(w.needs_pixels(opts) for w in writers)
     out: list[Encoded | Rejected] = []
-    full = want_ffcv or opts["max_side"] is not None or opts["quality"] is not None
     for e in entries:
         try:
             data = read_input(e)
@@ -130,7 +92,14 @@ def process_chunk(entries: list[InputFile], want_wds: bool, want_ffcv: bool,
         if im is None:
             out.append(Rejected(reason))
             continue
-        ext, wds_bytes, note = _wds_payload(data, im, opts) if want_wds else (None, None, None)
-        ffcv = _ffcv_payload(im, e.key, opts) if want_ffcv else None
-        out.append(Encoded(ext, wds_bytes, ffcv, note))
+        label_map = None
+        if labels is not None:
+            try:
+                label_map = label_maps.encode(*label_maps.read_pt(labels, e.key, opts["classes"]))
+            except DataError as err:
+                out.append(Rejected(str(err)))
+                continue
+        done = {f: w.encode(data, im, e.key, opts) for f, w in zip(formats, writers, strict=True)}
+        out.append(Encoded({f: p for f, (p, _) in done.items()}, {f: n for f, (_, n) in done.items()},
+                           label_map))
     return out

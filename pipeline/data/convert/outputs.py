@@ -1,6 +1,7 @@
 """Output files of the `shards` command: written under a temporary name, fsynced, hashed, renamed.
 
-Also the resume records: `finished` says whether a file from an earlier run can be kept.
+Also the resume records (`finished` says whether a file from an earlier run can be kept) and the
+plan of an output file (`Output`, `plan_hash`), which the format writers share.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -80,3 +82,21 @@ def finished(out: Path, rel: str, plan: str) -> dict | None:
     if record.get("plan") != plan or not path.is_file() or path.stat().st_size != record.get("bytes"):
         return None
     return record if sha256_file(path) == record.get("sha256") else None
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output file of a split: its name, the samples it holds (`order[lo:hi]`) and its plan hash."""
+
+    name: str
+    lo: int
+    hi: int
+    plan: str  # hash of what determines the file's bytes
+
+
+def plan_hash(entries, opts: dict) -> str:
+    """The hash of the options and input files (`InputFile`s) that determine an output file's bytes."""
+    h = hashlib.sha256(json.dumps(opts, sort_keys=True).encode())
+    for e in entries:
+        h.update(f"{e.key}\t{e.label}\t{e.size}\t{e.path}\n".encode())
+    return h.hexdigest()

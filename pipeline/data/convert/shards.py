@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
-import hashlib
-import json
 import os
 import sys
 import time
@@ -33,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import manifest
+from pipeline.data import formats as registry
+from pipeline.data import label_maps, manifest
 from pipeline.data.convert.beton import FFCV_DEFAULTS, WRITE_MODES
-from pipeline.data.convert.encode import REENCODE_QUALITY, Rejected, init_worker, process_chunk
+from pipeline.data.convert.encode import Rejected, init_worker, process_chunk
 from pipeline.data.convert.imagenet import ImageNetInput, InputFile, detect
-from pipeline.data.convert.outputs import finished, fsync_dir, sha256_file, write_json
-from pipeline.data.convert.tar import TarWriter
+from pipeline.data.convert.outputs import Output, finished, sha256_file, write_json  # noqa: F401 (sha256_file)
+from pipeline.data.convert.tar import REENCODE_QUALITY
 from pipeline.data.errors import DataError
 
-FORMATS = ("wds", "ffcv")
+FORMATS = tuple(registry.FORMATS)
 SPLITS = ("train", "val")
 CHUNK = 16  # samples per worker task
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -53,15 +52,8 @@ def default_workers() -> int:
 
 # ---------------------------------------------------------------- planning
 
-@dataclass
-class Shard:
-    name: str
-    entries: list[InputFile]
-    plan: str  # hash of what determines the shard's bytes
-
-
-def plan_split(split: str, entries: list[InputFile], opts: dict) -> tuple[list[InputFile], list[Shard], str]:
-    """(entries in the seeded global permutation, WebDataset shards, plan hash of the .beton)."""
+def plan_split(split: str, entries: list[InputFile], opts: dict, formats) -> tuple[list[InputFile], dict]:
+    """(entries in the seeded global permutation, format -> its output files for them)."""
     ordered = sorted(entries, key=lambda e: e.key)
     for a, b in zip(ordered, ordered[1:], strict=False):
         if a.key == b.key:
@@ -71,27 +63,11 @@ def plan_split(split: str, entries: list[InputFile], opts: dict) -> tuple[list[I
         raise DataError(f"{split} file names must have no '.' before the extension: {dotted[0]}; rename them")
     rng = np.random.default_rng([opts["seed"], SPLITS.index(split)])
     order = [ordered[i] for i in rng.permutation(len(ordered))]
-    wds_opts = {k: opts[k] for k in ("seed", "shard_bytes", "max_side", "quality")}
-    shards, start, size = [], 0, 0
-    for i, e in enumerate(order):
-        if i > start and size + e.size + 1536 > opts["shard_bytes"]:
-            shards.append((start, i))
-            start, size = i, 0
-        size += e.size + 1536  # two tar headers and padding
-    shards.append((start, len(order)))
-    out = [
-        Shard(f"{split}-{k:06d}.tar", order[a:b], _plan_hash(order[a:b], wds_opts))
-        for k, (a, b) in enumerate(shards)
-    ]
-    ffcv_opts = {"seed": opts["seed"], **opts["ffcv"]}
-    return order, out, _plan_hash(order, ffcv_opts)
+    return order, {f: _writer(f).plan(split, order, opts) for f in formats}
 
 
-def _plan_hash(entries: list[InputFile], opts: dict) -> str:
-    h = hashlib.sha256(json.dumps(opts, sort_keys=True).encode())
-    for e in entries:
-        h.update(f"{e.key}\t{e.label}\t{e.size}\t{e.path}\n".encode())
-    return h.hexdigest()
+def _writer(fmt: str):
+    return registry.FORMATS[fmt].writer_module()
 
 
 # ---------------------------------------------------------------- the run
@@ -100,11 +76,21 @@ def _plan_hash(entries: list[InputFile], opts: dict) -> str:
 class SplitJob:
     split: str
     order: list[InputFile]
-    shards: list[Shard]
-    ffcv_plan: str
+    outputs: dict[str, list[Output]]  # format -> its output files
     records: dict[str, dict]  # finished file name -> record
-    todo_wds: set[str]
-    need_ffcv: bool
+    todo: set[str]  # names of the output files still to write
+
+    def tasks(self) -> list[tuple[int, int, tuple[str, ...]]]:
+        """(lo, hi, formats to encode) of every chunk still to process, in order; a chunk lies in one
+        output file of each format."""
+        cuts = sorted({o.lo for outs in self.outputs.values() for o in outs} | {len(self.order)})
+        tasks = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            wanted = tuple(f for f, outs in self.outputs.items()
+                           if any(o.lo <= a < o.hi and o.name in self.todo for o in outs))
+            if wanted:
+                tasks += [(lo, min(lo + CHUNK, b), wanted) for lo in range(a, b, CHUNK)]
+        return tasks
 
 
 def _display(path: str, src: str) -> str:
@@ -114,11 +100,12 @@ def _display(path: str, src: str) -> str:
 def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int | None = None,
                  seed: int = 0, shard_bytes: int = 10**9, max_side: int | None = None,
                  quality: int | None = None, ffcv: dict | None = None, classes: int = 1000,
-                 allow_bad: int = 0, progress: bool = True, log=print) -> dict:
-    """Write shards of `src` into `out` (see module docstring); returns the manifest."""
+                 allow_bad: int = 0, progress: bool = True, log=print, labels: str | None = None) -> dict:
+    """Write shards of `src` into `out` (see module docstring); returns the manifest. `labels`: a folder
+    of TokenLabeling label maps (`pipeline.data.label_maps`), stored with each train image."""
     try:
         return _write_shards(src, Path(out), formats, workers, seed, shard_bytes, max_side, quality, ffcv,
-                             classes, allow_bad, progress, log)
+                             classes, allow_bad, progress, log, labels)
     except OSError as e:
         if e.errno in _DISK_ERRNOS:
             raise DataError(
@@ -129,19 +116,18 @@ def write_shards(src: str, out: str | os.PathLike, formats=FORMATS, workers: int
 
 
 def _write_shards(src, out: Path, formats, workers, seed, shard_bytes, max_side, quality, ffcv, classes,
-                  allow_bad, progress, log) -> dict:
+                  allow_bad, progress, log, labels) -> dict:
     formats = [f for f in FORMATS if f in formats]
     if not formats:
         raise DataError(f"no output format chosen: FORMATS must name one or both of {' '.join(FORMATS)}")
-    ffcv_settings = {**FFCV_DEFAULTS, **(ffcv or {})}
-    if "ffcv" in formats:
-        _check_ffcv(ffcv_settings)
-    if quality is not None and not 1 <= quality <= 100:
-        raise DataError(f"--quality {quality}: give a JPEG quality from 1 to 100")
-    if max_side is not None and max_side < 8:
-        raise DataError(f"--max-side {max_side}: give a side of at least 8 px")
     opts = {"seed": seed, "shard_bytes": int(shard_bytes), "max_side": max_side, "quality": quality,
-            "ffcv": ffcv_settings}
+            "ffcv": {**FFCV_DEFAULTS, **(ffcv or {})}, "classes": classes,
+            "labels": {"train": os.path.abspath(labels)} if labels else {}}
+    if labels and not os.path.isdir(labels):
+        raise DataError(f"LABELS={labels} is not a folder: give TokenLabeling's label-map folder "
+                        "(<wnid>/<key>.pt), or make one with python -m pipeline label-maps")
+    for f in formats:
+        _writer(f).check(opts)
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise DataError(f"--workers {workers}: give at least 1 (default: all cores)")
@@ -157,21 +143,13 @@ def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts:
                   progress, log) -> dict:
     jobs = []
     for split in SPLITS:
-        order, shards, ffcv_plan = plan_split(split, inputs.splits[split], opts)
-        records = {}
-        if "wds" in formats:
-            for s in shards:
-                if (r := finished(out, f"wds/{s.name}", s.plan)) is not None:
-                    records[s.name] = r
-        if "ffcv" in formats and (r := finished(out, f"ffcv/{split}.beton", ffcv_plan)) is not None:
-            records[f"{split}.beton"] = r
-        todo = {s.name for s in shards if "wds" in formats and s.name not in records}
-        need_ffcv = "ffcv" in formats and f"{split}.beton" not in records
-        jobs.append(SplitJob(split, order, shards, ffcv_plan, records, todo, need_ffcv))
+        order, outputs = plan_split(split, inputs.splits[split], opts, formats)
+        records = {o.name: r for f, outs in outputs.items() for o in outs
+                   if (r := finished(out, f"{f}/{o.name}", o.plan)) is not None}
+        todo = {o.name for outs in outputs.values() for o in outs if o.name not in records}
+        jobs.append(SplitJob(split, order, outputs, records, todo))
 
-    todo_samples = sum(
-        len(s.entries) for j in jobs for s in j.shards if j.need_ffcv or s.name in j.todo_wds
-    )
+    todo_samples = sum(hi - lo for j in jobs for lo, hi, _ in j.tasks())
     skipped = sum(len(j.records) for j in jobs)
     log(f"shards: {inputs.layout} layout at {inputs.path}: {len(inputs.classes)} classes, "
         + ", ".join(f"{len(j.order)} {j.split} files" for j in jobs)
@@ -179,8 +157,9 @@ def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts:
         + f" with {workers} workers")
     if todo_samples:  # OUT is about to change: no manifest until it is complete again
         manifest.path(out).unlink(missing_ok=True)
-    if "ffcv" in formats and todo_samples:
-        import ffcv.fields  # noqa: F401 (seconds to import: once here, inherited by the forked workers)
+    for f in formats:
+        if todo_samples and hasattr(_writer(f), "preload"):
+            _writer(f).preload()
     start = time.monotonic()
     bar = None
     if progress and todo_samples:
@@ -213,18 +192,6 @@ def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts:
     return contents
 
 
-def _check_ffcv(settings: dict) -> None:
-    if settings["write_mode"] not in WRITE_MODES:
-        raise DataError(f"--ffcv-write-mode {settings['write_mode']}: choose one of {', '.join(WRITE_MODES)}")
-    if not 1 <= int(settings["jpeg_quality"]) <= 100:
-        raise DataError(f"--ffcv-jpeg-quality {settings['jpeg_quality']}: give a quality from 1 to 100")
-    if not 0 <= float(settings["compress_probability"]) <= 1:
-        raise DataError(f"--ffcv-compress-probability {settings['compress_probability']}: give 0..1")
-    page = int(settings["page_size"])
-    if page < 1 << 21 or page & (page - 1) or page >= 1 << 32:
-        raise DataError(f"--ffcv-page-size {page}: give a power of two from 2 MiB to below 4 GiB")
-
-
 def _prepare_out(out: Path, formats):
     """Create OUT's folders, take OUT's lock (returned: hold it for the run), delete stale temp files."""
     try:
@@ -250,66 +217,43 @@ def _prepare_out(out: Path, formats):
 
 def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, src: str) -> None:
     """Process the samples this split still needs, in plan order, and write its unfinished files."""
-    beton = None
-    if job.need_ffcv:
-        from pipeline.data.convert import beton as shard_ffcv
-
-        beton = shard_ffcv.BetonWriter(str(out / "ffcv" / f"{job.split}.beton.tmp"), opts["ffcv"],
-                                       capacity=len(job.order))
-    tasks = [
-        (shard, lo, min(lo + CHUNK, len(shard.entries)), shard.name in job.todo_wds)
-        for shard in job.shards
-        if job.need_ffcv or shard.name in job.todo_wds
-        for lo in range(0, len(shard.entries), CHUNK)
-    ]
-    tar, rejected, converted = None, [], []  # the last two: of the shard being written
-    ffcv_rejected = []
+    open_files: dict[str, tuple] = {}  # format -> (output, writer, its rejected, its converted)
     try:
-        for (shard, lo, hi, want_wds), results in _in_order(pool, tasks, 4 * workers, job.need_ffcv, opts):
-            if want_wds and tar is None:
-                tar, rejected, converted = TarWriter(out / "wds" / shard.name), [], []
-            for e, r in zip(shard.entries[lo:hi], results, strict=True):
-                if isinstance(r, Rejected):
-                    item = {"path": _display(e.path, src), "reason": r.reason}
-                    ffcv_rejected.append(item)
-                    if want_wds:
-                        rejected.append(item)
-                    continue
-                if want_wds:
-                    tar.add(e.key, r.ext, r.wds, e.label)
-                    if r.note:
-                        converted.append({"path": _display(e.path, src), "reason": r.note})
-                if beton is not None:
-                    beton.add(r.ffcv, e.label)
+        for (lo, hi, wanted), results in _in_order(pool, job, 4 * workers, opts):
+            for f in wanted:
+                if f not in open_files:
+                    o = next(o for o in job.outputs[f] if o.lo <= lo < o.hi)
+                    open_files[f] = (o, _writer(f).open_output(out, o, opts), [], [])
+            for e, r in zip(job.order[lo:hi], results, strict=True):
+                for f in wanted:
+                    _, writer, rejected, converted = open_files[f]
+                    if isinstance(r, Rejected):
+                        rejected.append({"path": _display(e.path, src), "reason": r.reason})
+                        continue
+                    writer.put(e.key, e.label, r.payloads[f], r.label_map)
+                    if r.notes[f]:
+                        converted.append({"path": _display(e.path, src), "reason": r.notes[f]})
             if bar is not None:
                 bar.update(hi - lo)
-            if want_wds and hi == len(shard.entries):
-                tar.commit()
-                job.records[shard.name] = _record(out, shard.name, shard.plan, tar.num_samples, tar.bytes,
-                                                  tar.sha.hexdigest(), rejected, converted)
-                tar = None
-        if beton is not None:
-            beton.close()
-            path = out / "ffcv" / f"{job.split}.beton"
-            os.replace(beton.path, path)
-            fsync_dir(path.parent)
-            job.records[path.name] = _record(out, path.name, job.ffcv_plan, beton.count, path.stat().st_size,
-                                             sha256_file(path), ffcv_rejected, [])
-            beton = None
+            for f in wanted:
+                o, writer, rejected, converted = open_files[f]
+                if hi == o.hi:
+                    del open_files[f]
+                    num, size, sha = writer.finish()
+                    job.records[o.name] = _record(out, o.name, o.plan, num, size, sha, rejected, converted)
     finally:
-        if tar is not None:
-            tar.abort()
-        if beton is not None:
-            beton.abort()
+        for _, writer, _, _ in open_files.values():
+            writer.abort()
 
 
-def _in_order(pool, tasks, depth: int, want_ffcv: bool, opts: dict):
+def _in_order(pool, job: SplitJob, depth: int, opts: dict):
     """Yield (task, results) in task order, keeping at most `depth` tasks in flight."""
     window: deque = deque()
     try:
-        for task in tasks:
-            shard, lo, hi, want_wds = task
-            window.append((task, pool.submit(process_chunk, shard.entries[lo:hi], want_wds, want_ffcv, opts)))
+        for task in job.tasks():
+            lo, hi, wanted = task
+            window.append((task, pool.submit(process_chunk, job.order[lo:hi], wanted, opts,
+                                             opts["labels"].get(job.split))))
             if len(window) >= depth:
                 task, future = window.popleft()
                 yield task, future.result()
@@ -333,26 +277,14 @@ def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, 
     splits = {}
     for job in jobs:
         entry: dict = {"files_found": len(job.order)}
-        if "wds" in formats:
-            shards, first = [], 0
-            for s in job.shards:
-                r = job.records[s.name]
-                shards.append({"name": s.name, "num_samples": r["num_samples"], "bytes": r["bytes"],
-                               "sha256": r["sha256"], "first_index": first})
-                first += r["num_samples"]
-            entry["wds"] = {"shards": shards, "num_samples": first, "bytes": sum(s["bytes"] for s in shards)}
-            entry["rejected"] = [x for s in job.shards for x in job.records[s.name]["rejected"]]
-            entry["converted"] = [x for s in job.shards for x in job.records[s.name]["converted"]]
-        if "ffcv" in formats:
-            name = f"{job.split}.beton"
-            r = job.records[name]
-            entry["ffcv"] = {"name": name, "num_samples": r["num_samples"], "bytes": r["bytes"],
-                             "sha256": r["sha256"]}
-            entry.setdefault("rejected", r["rejected"])
-            entry.setdefault("converted", [])
-        entry["rejected"] = sorted(entry["rejected"], key=lambda r: r["path"])
-        entry["converted"] = sorted(entry["converted"], key=lambda r: r["path"])
+        for f in formats:
+            entry[f] = _writer(f).section(job.outputs[f], job.records)
+        first = [job.records[o.name] for o in job.outputs[formats[0]]]  # rejected/converted as it saw them
+        entry["rejected"] = sorted((x for r in first for x in r["rejected"]), key=lambda r: r["path"])
+        entry["converted"] = sorted((x for r in first for x in r["converted"]), key=lambda r: r["path"])
         entry["num_samples"] = len(job.order) - len(entry["rejected"])
+        if job.split in opts["labels"]:
+            entry["label_maps"] = {"member": label_maps.MEMBER, "encoding": label_maps.MAGIC.decode()}
         for fmt in formats:
             got = entry[fmt]["num_samples"]
             if got != entry["num_samples"]:
@@ -361,17 +293,19 @@ def _manifest(inputs: ImageNetInput, jobs: list[SplitJob], formats, opts: dict, 
     options = {"formats": list(formats), "seed": opts["seed"], "shard_bytes": opts["shard_bytes"],
                "max_side": opts["max_side"], "quality": opts["quality"], "classes": len(inputs.classes),
                "allow_bad": allow_bad, **{f"ffcv_{k}": v for k, v in opts["ffcv"].items()}}
+    if opts["labels"]:
+        options["labels"] = opts["labels"]["train"]
     return manifest.build(inputs.classes, options, inputs.describe(), splits)
 
 
 def _remove_stale(out: Path, jobs: list[SplitJob], formats) -> None:
     """Delete shard files and records of earlier runs that the current plan does not produce."""
     keep = {name for j in jobs for name in j.records}
-    for d, pattern in (("wds", "*-*.tar"), ("ffcv", "*.beton")):
-        if d in formats:
-            for p in (out / d).glob(pattern):
-                if p.name not in keep:
-                    p.unlink()
+    for f in formats:
+        w = _writer(f)
+        for p in (out / w.NAME).glob(w.STALE_GLOB):
+            if p.name not in keep:
+                p.unlink()
     for p in (out / ".state").glob("*.json"):
         if p.name[: -len(".json")] not in keep:
             p.unlink()
@@ -426,6 +360,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FFCV: share stored as JPEG in write mode proportion (default: %(default)s)")
     parser.add_argument("--ffcv-page-size", type=int, default=d["page_size"],
                         help="FFCV page size in bytes, a power of two (default: %(default)s)")
+    parser.add_argument("--labels", default=None,
+                        help="TokenLabeling label-map folder (<wnid>/<key>.pt): store each train image's map "
+                             "(WebDataset member .tlm); a missing or bad map is rejected like a bad image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -436,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         write_shards(args.src, args.out, formats=args.formats, workers=args.workers, seed=args.seed,
                      shard_bytes=int(args.shard_bytes), max_side=args.max_side, quality=args.quality,
-                     ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress)
+                     ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress,
+                     labels=args.labels)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Checks, per split and format: every listed file exists with the listed size and sha256; no
 unlisted shard files; sample counts and `first_index` add up; `files_found` = written + rejected;
-every WebDataset sample has one image and one `.cls`, every key occurs exactly once; labels are
+every WebDataset sample has one image and one `.cls` (and a `.tlm` label map that decodes, with
+class indices in range, where the split was written with LABELS), every key occurs exactly once; labels are
 in [0, len(classes)); every image decodes; the .beton has the contract's fields, and its labels
 equal the WebDataset labels sample by sample. Files are checked in parallel worker processes.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data import manifest
+from pipeline.data import label_maps, manifest
 from pipeline.data.convert.outputs import sha256_file
 from pipeline.data.convert.shards import default_workers
 from pipeline.data.errors import DataError
@@ -50,7 +51,8 @@ def _decodes(data: bytes) -> str | None:
     return None
 
 
-def check_wds_shard(path: str, listed: dict, num_classes: int) -> tuple[list[str], list[str], list[int]]:
+def check_wds_shard(path: str, listed: dict, num_classes: int,
+                    with_maps: bool = False) -> tuple[list[str], list[str], list[int]]:
     """(problems, keys, labels) of one shard, in file order."""
     problems = _check_file(Path(path), listed)
     if problems:
@@ -68,8 +70,10 @@ def check_wds_shard(path: str, listed: dict, num_classes: int) -> tuple[list[str
     labels = []
     for key, members in groups:
         images = [e for e in members if e in IMAGE_EXTS]
-        if sorted(members) != sorted(images + ["cls"]) or len(images) != 1:
-            problems.append(f"{path}: {key} has members {sorted(members)}, expected one image and cls")
+        expected = ["cls", label_maps.MEMBER] if with_maps else ["cls"]
+        if sorted(members) != sorted(images + expected) or len(images) != 1:
+            problems.append(f"{path}: {key} has members {sorted(members)}, expected one image and "
+                            + " and ".join(expected))
             labels.append(-1)
             continue
         text = members["cls"].decode("ascii", "replace")
@@ -79,6 +83,13 @@ def check_wds_shard(path: str, listed: dict, num_classes: int) -> tuple[list[str
         labels.append(label)
         if (why := _decodes(members[images[0]])) is not None:
             problems.append(f"{path}: {key}.{images[0]} does not decode ({why})")
+        if with_maps:
+            try:
+                _, indices = label_maps.decode(members[label_maps.MEMBER], key)
+                if indices.max() >= num_classes:
+                    problems.append(f"{path}: {key}.{label_maps.MEMBER} has class indices >= {num_classes}")
+            except DataError as e:
+                problems.append(f"{path}: {e}")
     if len(groups) != listed["num_samples"]:
         problems.append(f"{path}: {len(groups)} samples, manifest says {listed['num_samples']}")
     return problems, [key for key, _ in groups], labels
@@ -147,7 +158,8 @@ def _wds(out: Path, split: str, s: dict, num_classes: int, pool, problems: list[
         if sh["first_index"] != first:
             problems.append(f"{split}: {sh['name']} first_index {sh['first_index']}, expected {first}")
         first += sh["num_samples"]
-        futures.append(pool.submit(check_wds_shard, str(out / "wds" / sh["name"]), sh, num_classes))
+        futures.append(pool.submit(check_wds_shard, str(out / "wds" / sh["name"]), sh, num_classes,
+                                   "label_maps" in s))
     if first != s["num_samples"]:
         problems.append(f"{split}: wds shards hold {first} samples, split says {s['num_samples']}")
     listed = {sh["name"] for sh in s["wds"]["shards"]}
