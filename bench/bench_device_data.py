@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data import manifest  # noqa: E402
 from pipeline.data.convert import fake, shards  # noqa: E402
 from pipeline.data.load.aug_params import ParamSource  # noqa: E402
-from pipeline.data.load.augment import TrainAugment  # noqa: E402
 from pipeline.data.load.config import DataConfig  # noqa: E402
 from pipeline.data.load.wds import ShardSet, WdsTrainBatches  # noqa: E402
 
@@ -65,7 +64,7 @@ def main() -> int:
         shard_set = ShardSet(root, "train", entry["wds"]["shards"])
         n = shard_set.num_samples // args.batch * args.batch
         batches = np.arange(n).reshape(-1, args.batch)
-        today = WdsTrainBatches(shard_set, TrainAugment(cfg), skip_bad=False)
+        today = WdsTrainBatches(shard_set, ParamSource(cfg), skip_bad=False)
         params = ParamSource(cfg)
         result = {"bench": "device_data", "images": int(n), "batch": args.batch}
         runs = (("cpu_path", lambda b: today.produce(0, b, np.zeros(len(b), np.int64))),

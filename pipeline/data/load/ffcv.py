@@ -163,6 +163,8 @@ class FfcvReader:
             raise DataError(f"FFCV file {self.name} holds {self.num_samples} samples but manifest.json says "
                             f"{entry['num_samples']}; rebuild the shards")
         self.labels = np.asarray(reader.metadata["f1"], np.int64)
+        self.heights = np.asarray(reader.metadata["f0"]["height"], np.int64)
+        self.widths = np.asarray(reader.metadata["f0"]["width"], np.int64)
 
     def loader(self, batch_size: int, decoder_key: tuple, make_decoder):
         """An FFCV Loader for this file; compiled once per process and decoder (numba takes ~5 s)."""
@@ -219,7 +221,7 @@ class FfcvTrainBatches:
         self.augment = augment
         self.skip_bad = skip_bad
         self.repeats = repeats
-        size = augment.size
+        size = augment.size  # augment: the `aug_params.ParamSource`
         self.loader = beton.loader(batch_size, ("train", repeats, seed, size),
                                    lambda: _decoders(beton.num_samples, repeats, seed)((size, size)))
 
@@ -231,23 +233,27 @@ class FfcvTrainBatches:
         idx = plan.indices[batch_ids].astype(np.uint64)
         rep = plan.repeats[batch_ids].astype(np.uint64)
         codes = (idx + n * (rep + r * np.uint64(plan.epoch))).reshape(-1)
-        aug = self.augment
+        params = self.augment
         for b, crops in zip(batch_ids, _run(self.loader, codes), strict=True):
-            indices, repeats = plan.indices[b], plan.repeats[b]
-            flips = aug.crop_boxes(plan.epoch, indices, repeats)[:, 22]
-            keys = aug.pil_keys(plan.epoch, indices, repeats).tolist()
+            indices = plan.indices[b]
+            p = self.draw(plan.epoch, indices, plan.repeats[b])
             out = np.empty_like(crops)
             ok = np.ones(len(indices), bool)
             with seeded_pil_rngs() as seed:
                 for j in range(len(indices)):
                     if _is_sentinel(crops[j]):
-                        ok[j] = bad_sample(self._where(indices[j]), ValueError("JPEG decode failed"),
+                        ok[j] = bad_sample(self.where(indices[j]), ValueError("JPEG decode failed"),
                                            self.skip_bad)
                         continue
-                    out[j] = aug.pil_stage(Image.fromarray(crops[j]), flips[j], keys[j], seed)
+                    out[j] = params.apply_cpu(Image.fromarray(crops[j]), p, j, seed)
             yield (b, *fill_bad(out, self.beton.labels[indices], ok))
 
-    def _where(self, index: int) -> str:
+    def draw(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
+        """`TrainParams` of entries; the boxes are those the FFCV decoder takes (stored image sizes)."""
+        return self.augment.draw(epoch, indices, repeats, self.beton.heights[indices],
+                                 self.beton.widths[indices])
+
+    def where(self, index: int) -> str:
         return f"FFCV file {self.beton.name}, sample index {int(index)}"
 
 

@@ -27,7 +27,8 @@ import torch
 from pipeline.data import manifest
 from pipeline.data.errors import DataError
 from pipeline.data.formats import FORMATS
-from pipeline.data.load.augment import DeviceAugment, TrainAugment, batch_key
+from pipeline.data.load.aug_params import ParamSource
+from pipeline.data.load.augment import DeviceAugment, batch_key
 from pipeline.data.load.config import DataConfig
 from pipeline.data.load.sampler import batches_per_epoch, epoch_order, rank_plan, val_range
 
@@ -93,10 +94,10 @@ class TrainLoader:
         section = manifest.split_section(contents, cfg.root, "train", cfg.format)
         self.num_classes = len(contents["classes"])
         self.num_samples = int(section["num_samples"])
-        self.augment = TrainAugment(cfg)
+        self.params = ParamSource(cfg)
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=True)
         self.blocks, self.format_batches = FORMATS[cfg.format].load_module().train_batches(
-            cfg, section[cfg.format], self.augment)
+            cfg, section[cfg.format], self.params)
         if len(self) == 0:
             raise DataError(f"train split has {self.num_samples} samples, fewer than one global batch "
                             f"({world_size} ranks x data.batch_size={cfg.batch_size}); lower data.batch_size")

@@ -26,7 +26,7 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.data.errors import DataError
-from pipeline.data.load.augment import ValAugment, seeded_pil_rngs
+from pipeline.data.load.augment import ValAugment, open_image, seeded_pil_rngs
 
 log = logging.getLogger(__name__)
 
@@ -261,30 +261,49 @@ class _ShardBatches:
         self.augment = augment
         self.skip_bad = skip_bad
 
+    def where(self, index: int) -> str:
+        return self.shards.where(int(index))
+
+    def open(self, indices: np.ndarray):
+        """(bytes, header-parsed PIL images (None: unreadable, reported), labels, ok) of samples."""
+        datas, imgs = [], []
+        labels = np.empty(len(indices), np.int64)
+        ok = np.ones(len(indices), bool)
+        for j, index in enumerate(indices.tolist()):
+            data, labels[j] = self.shards.read(index)
+            datas.append(data)
+            try:
+                imgs.append(open_image(data))
+            except Exception as e:  # PIL raises many types for bad data
+                ok[j] = bad_sample(self.where(index), e, self.skip_bad)
+                imgs.append(None)
+        return datas, imgs, labels, ok
+
 
 class WdsTrainBatches(_ShardBatches):
-    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
+    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch;
+    `augment` is the `aug_params.ParamSource`."""
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
             yield (b, *self.produce(plan.epoch, plan.indices[b], plan.repeats[b]))
 
     def produce(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
-        aug = self.augment
-        us = aug.crop_boxes(epoch, indices, repeats)
-        keys = aug.pil_keys(epoch, indices, repeats).tolist()
-        out = np.empty((len(indices), aug.size, aug.size, 3), np.uint8)
-        labels = np.empty(len(indices), np.int64)
-        ok = np.ones(len(indices), bool)
+        params = self.augment
+        _, imgs, labels, ok = self.open(indices)
+        sizes = [img.size if img is not None else (1, 1) for img in imgs]
+        p = params.draw(epoch, indices, repeats, [h for _, h in sizes], [w for w, _ in sizes])
+        out = np.empty((len(indices), params.size, params.size, 3), np.uint8)
         with seeded_pil_rngs() as seed:
-            for j, index in enumerate(indices.tolist()):
-                data, labels[j] = self.shards.read(index)
-                try:
-                    img = aug.decode_crop(data, us[j])
-                except Exception as e:  # PIL raises many types for bad data
-                    ok[j] = bad_sample(self.shards.where(index), e, self.skip_bad)
+            for j, img in enumerate(imgs):
+                if img is None:
                     continue
-                out[j] = aug.pil_stage(img, us[j, 22], keys[j], seed)
+                try:
+                    crop = params.augment.decode_box(img, p.boxes[j])
+                except Exception as e:  # PIL raises many types for bad data
+                    ok[j] = bad_sample(self.where(indices[j]), e, self.skip_bad)
+                    continue
+                out[j] = params.apply_cpu(crop, p, j, seed)
         return fill_bad(out, labels, ok)
 
 
