@@ -51,8 +51,8 @@ def decode_cpu(data, device: torch.device) -> torch.Tensor:
     or of an HWC uint8 array (an FFCV raw image)."""
     if not isinstance(data, np.ndarray):
         img = Image.open(io.BytesIO(data))
-        data = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
-    return torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1).to(device)
+        data = img.convert("RGB") if img.mode != "RGB" else img
+    return torch.from_numpy(np.array(data, np.uint8)).permute(2, 0, 1).to(device)
 
 
 def decode_batch(datas: list, device: torch.device, jpeg_mask=None) -> list[torch.Tensor]:

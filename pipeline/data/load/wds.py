@@ -26,6 +26,7 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.data.errors import DataError
+from pipeline.data.load import device_batches  # module, not names: it imports this module too
 from pipeline.data.load.augment import ValAugment, open_image, seeded_pil_rngs
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,11 @@ class ShardSet:
 class _ShardBatches:
     """A batch maker over the shards of one split (`augment`: the split's CPU stage)."""
 
-    def __init__(self, shards: ShardSet, augment, skip_bad: bool):
+    def __init__(self, shards: ShardSet, augment, skip_bad: bool, device_decode: bool = False):
         self.shards = shards
         self.augment = augment
         self.skip_bad = skip_bad
+        self.device_decode = device_decode  # data.decode=device: send `device_batches.EncodedBatch`es
 
     def where(self, index: int) -> str:
         return self.shards.where(int(index))
@@ -290,9 +292,11 @@ class WdsTrainBatches(_ShardBatches):
 
     def produce(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
         params = self.augment
-        _, imgs, labels, ok = self.open(indices)
+        datas, imgs, labels, ok = self.open(indices)
         sizes = [img.size if img is not None else (1, 1) for img in imgs]
         p = params.draw(epoch, indices, repeats, [h for _, h in sizes], [w for w, _ in sizes])
+        if self.device_decode:
+            return device_batches.encoded(datas, imgs, ok, indices, p), labels, 0
         out = np.empty((len(indices), params.size, params.size, 3), np.uint8)
         with seeded_pil_rngs() as seed:
             for j, img in enumerate(imgs):
@@ -313,6 +317,10 @@ class WdsValBatches(_ShardBatches):
     def batches(self, plan, batch_ids):
         for b in batch_ids:
             indices = plan[b]
+            if self.device_decode:
+                datas, imgs, labels, ok = self.open(indices)
+                yield b, device_batches.encoded(datas, imgs, ok, indices), labels, 0
+                continue
             out = np.empty((len(indices), self.augment.size, self.augment.size, 3), np.uint8)
             labels = np.empty(len(indices), np.int64)
             ok = np.ones(len(indices), bool)
@@ -360,8 +368,9 @@ def drop_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
 def train_batches(cfg, section: dict, augment):
     """(shard blocks for the epoch shuffle, train batch maker) of the split's wds manifest section."""
     shards = ShardSet(cfg.root, "train", section["shards"])
-    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad)
+    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad, cfg.decode == "device")
 
 
 def val_batches(cfg, section: dict):
-    return WdsValBatches(ShardSet(cfg.root, "val", section["shards"]), ValAugment(cfg), cfg.skip_bad)
+    return WdsValBatches(ShardSet(cfg.root, "val", section["shards"]), ValAugment(cfg), cfg.skip_bad,
+                         cfg.decode == "device")
