@@ -267,19 +267,21 @@ class _ShardBatches:
         return self.shards.where(int(index))
 
     def open(self, indices: np.ndarray):
-        """(bytes, header-parsed PIL images (None: unreadable, reported), labels, ok) of samples."""
-        datas, imgs = [], []
+        """(bytes, headers (None: unreadable, reported), labels, ok) of samples; a header is the
+        header-parsed PIL image, or on the device path a `device_batches.Header`."""
+        peek = device_batches.peek if self.device_decode else open_image
+        datas, heads = [], []
         labels = np.empty(len(indices), np.int64)
         ok = np.ones(len(indices), bool)
         for j, index in enumerate(indices.tolist()):
             data, labels[j] = self.shards.read(index)
             datas.append(data)
             try:
-                imgs.append(open_image(data))
+                heads.append(peek(data))
             except Exception as e:  # PIL raises many types for bad data
                 ok[j] = bad_sample(self.where(index), e, self.skip_bad)
-                imgs.append(None)
-        return datas, imgs, labels, ok
+                heads.append(None)
+        return datas, heads, labels, ok
 
 
 class WdsTrainBatches(_ShardBatches):
