@@ -15,8 +15,10 @@ Stages (both formats apply the same operations with the same parameters):
   timm `RandomErasing` (per sample, python `random` and the device's torch generator seeded from the
   entry key), timm `Mixup`/CutMix with label smoothing (numpy RNG seeded from the batch position).
   Images stay uint8 until the device, which moves 4x fewer bytes than float.
-Random draws therefore depend only on (seed, epoch, sample index, repeat number), never on worker
-count or timing. Device-stage draws depend on the device type (CPU and CUDA torch generators differ).
+With data.decode=device the crop and PIL stages run on the device instead, from the same draws
+(aug_params.py, device_augment.py). Random draws therefore depend only on (seed, epoch, sample index,
+repeat number), never on worker count or timing. Device-stage draws depend on the device type (CPU
+and CUDA torch generators differ).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FFCV .beton reading: FFCV's numba JPEG decode + keyed crop, then the per-sample PIL stage (RandAugment).
+"""FFCV .beton reading: FFCV's numba decode + keyed crop + PIL stage, or (decode=device) the JPEG bytes.
 
 How the order gets in: we do not use FFCV's own orderings. `distributed=True` in FFCV works only
 with RANDOM and SEQUENTIAL (QUASI_RANDOM raises), emulates DistributedSampler (padding by repeating
@@ -17,6 +17,10 @@ over the uint8 batch. Labels come straight from the .beton's metadata table (no 
 
 A JPEG that libjpeg-turbo cannot decode is filled with a sentinel pattern by the decoder (numba
 cannot raise through FFCV's reader thread without hanging it) and reported here like in wds.
+
+With data.decode=device no FFCV `Loader` is built: `FfcvReader.read` takes a sample's stored JPEG
+bytes (or raw pixels) straight from the file through the metadata's data pointer and the allocation
+table's size, and the batch goes to the device as in wds (device_batches.py).
 """
 
 from __future__ import annotations
