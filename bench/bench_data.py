@@ -5,7 +5,11 @@ timm `create_transform` (RandomResizedCrop 224 bicubic, flip, rand-m9-mstd0.5-in
 RandomErasing 0.25 pixel) + torch DataLoader, up to the float batch it yields.
 Ours: `build_train_loader` batch makers (WebDataset, FFCV) up to the uint8 batch the workers hand over
 (the device stage -- normalise, erasing, Mixup -- runs on the GPU in training; its CPU cost here is
-reported separately). Same images, same machine, one run, 1 and 2 loader workers.
+reported separately). `wds-device` / `ffcv-device` (data.decode=device): the same batch makers up to
+the encoded batch + drawn parameters the workers hand over; decoding and augmenting it is GPU work in
+training (nvJPEG, batched tensor ops), unmeasured here without a GPU; the same code on this CPU is
+reported for reference. Same images, same machine, one run, 0 (in the main process: no worker start-up
+or transfer, the steady-state cost), 1 and 2 loader workers.
 
 "Per core" = images / CPU seconds used by the main process and its loader workers (user + system,
 from getrusage), so other load on the machine does not inflate it; wall-clock images/s is shown too.
@@ -77,9 +81,9 @@ def baseline(src: str, split: str, workers: int, batch: int, rand_augment: str):
     return make, lambda item: len(item[1])
 
 
-def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment: str):
+def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment: str, decode: str):
     cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=workers, rand_augment=rand_augment,
-                     color_jitter=0.0).validate()
+                     color_jitter=0.0, decode=decode).validate()
     cpu = torch.device("cpu")
     if split == "train":
         loader = TrainLoader(cfg, 0, 1, cpu)
@@ -96,6 +100,45 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
                            cpu)
 
     return make, lambda item: len(item[2])
+
+
+def marginal(root: str, fmt: str, decode: str, batch: int) -> float:
+    """Train images per CPU-second through 1 loader worker beyond a pass's first batch: (images of a
+    whole pass - of a 1-batch pass) / (CPU time of both likewise), the steady-state cost without the
+    per-pass worker start-up that a short benchmark pass is dominated by. (A worker's CPU time is
+    counted when it exits, so only whole passes can be timed.)"""
+    cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=1, color_jitter=0.0,
+                     decode=decode).validate()
+    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
+    plan = loader.plan()
+    cost = {}
+    for num in (1, plan.num_batches) * 2:  # the cheaper of 2 tries each
+        start = cpu_seconds()
+        n = sum(len(item[2]) for item in _stream(loader.format_batches, plan, num, loader.cfg, loader.device))
+        cost[n] = min(cost.get(n, float("inf")), cpu_seconds() - start)
+    (n1, c1), (n2, c2) = sorted(cost.items())
+    return (n2 - n1) / (c2 - c1)
+
+
+def device_decode(root: str, batch: int, device: torch.device) -> float:
+    """Images/s of data.decode=device's decode + crop/resize + flip + RandAugment (the GPU's work in
+    training) on `device` in the main process (best of 2 passes over up to 4 batches; the first call
+    warms up nvJPEG / the kernels)."""
+    cfg = DataConfig(root=root, format="wds", batch_size=batch, workers=0, decode="device").validate()
+    loader = TrainLoader(cfg, 0, 1, device)
+    plan = loader.plan()
+    items = list(_stream(loader.format_batches, plan, min(plan.num_batches, 4), loader.cfg, loader.device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loader.decoder.train(*items[0][1:3])
+    best = 0.0
+    for _ in range(2):
+        sync()
+        start = time.perf_counter()
+        for _, encoded, labels, _ in items:
+            loader.decoder.train(encoded, labels)
+        sync()
+        best = max(best, sum(len(item[2]) for item in items) / (time.perf_counter() - start))
+    return best
 
 
 def device_stage(root: str, batch: int) -> float:
@@ -117,7 +160,8 @@ def main() -> int:
     ap.add_argument("--train-per-class", type=int, default=64)
     ap.add_argument("--val-per-class", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                    help="0: the batch maker in this process (no worker start-up or transfer)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per row; the best counts")
     ap.add_argument("--markdown", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                     help="write the section here (default: %(default)s; '' for none)")
@@ -142,11 +186,12 @@ def main() -> int:
             ra = "yes" if rand_augment else "no"
             for workers in args.workers:
                 results = {}
-                for name in ("baseline", "wds", "ffcv"):
+                for name in ("baseline", "wds", "ffcv", "wds-device", "ffcv-device"):
                     if name == "baseline":
                         pipeline = baseline(src, split, workers, args.batch, rand_augment)
                     else:
-                        pipeline = ours(root, name, split, workers, args.batch, rand_augment)
+                        fmt, _, decode = name.partition("-")
+                        pipeline = ours(root, fmt, split, workers, args.batch, rand_augment, decode or "cpu")
                     wall, per_cpu, n = measure(*pipeline, args.repeat)
                     results[name] = (wall, per_cpu)
                     print(f"{split:5s} RandAugment={ra:3s} workers={workers} {name:8s} {n:5d} images  "
@@ -154,9 +199,16 @@ def main() -> int:
                 base = results["baseline"][1]
                 rows += [{"split": split, "rand_augment": ra if split == "train" else None,
                           "workers": workers, "pipeline": name, "images_per_s": wall,
-                          "images_per_s_per_core": per_cpu, "per_core_vs_baseline": per_cpu / base}
+                          "images_per_s_per_core": per_cpu, "per_core_vs_baseline": per_cpu / base,
+                          "per_core_vs_cpu_path": (per_cpu / results[name.split("-")[0]][1]
+                                                   if name.endswith("-device") else None)}
                          for name, (wall, per_cpu) in results.items()]
         dev = device_stage(root, args.batch)
+        dev_decode = device_decode(root, args.batch, torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        gpu_decode = device_decode(root, args.batch, torch.device("cuda")) if cuda else None
+        steady = {name: marginal(root, *name.split("-"), args.batch)
+                  for name in ("wds-cpu", "wds-device", "ffcv-cpu", "ffcv-device")}
 
     cmd = "make bench-data"
     lines = [
@@ -174,11 +226,25 @@ def main() -> int:
         "everywhere) show what the per-sample PIL RandAugment costs. "
         f"The device stage (normalise + RandomErasing + Mixup/CutMix) runs on the GPU in training; on "
         f"this CPU it does {dev:.0f} images/s.", "",
+        "`-device` rows = `data.decode: device`: the workers read the encoded bytes, parse the header and "
+        "draw each sample's parameters; the main process's CPU time counted is receiving the batches. "
+        "Decoding and augmenting the batch (nvJPEG, crop/resize, flip, RandAugment) is GPU time in "
+        + ("training: unmeasured (no GPU here), like the host-side cost of launching it"
+           if gpu_decode is None else
+           f"training: on {torch.cuda.get_device_name()} {gpu_decode:.0f} images/s, "
+           f"{1000 * 256 / gpu_decode:.1f} ms per batch of 256 (wall time, host side included)")
+        + f"; the same code run on this CPU (1 thread, train, RandAugment) does {dev_decode:.0f} images/s. "
+        f"A pass forks its workers afresh, which a pass of this size feels (an ImageNet epoch does not): "
+        f"beyond a pass's first batch, 1 worker, train with RandAugment, the images per core are "
+        + ", ".join(f"{k} {v:.0f}" for k, v in steady.items())
+        + f" (device path {steady['wds-device'] / steady['wds-cpu']:.1f}x (wds) and "
+        f"{steady['ffcv-device'] / steady['ffcv-cpu']:.1f}x (ffcv) cheaper per image).", "",
         "| split | RandAugment | workers | pipeline | images/s (wall) | images/s per core | "
-        "per core vs baseline |",
-        "|---|---|---|---|---|---|---|",
+        "per core vs baseline | per core vs the CPU path |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {r['split']} | {r['rand_augment'] or '-'} | {r['workers']} | {r['pipeline']} | "
-          f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {r['per_core_vs_baseline']:.2f}x |"
+          f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {r['per_core_vs_baseline']:.2f}x | "
+          f"{'-' if r['per_core_vs_cpu_path'] is None else format(r['per_core_vs_cpu_path'], '.1f') + 'x'} |"
           for r in rows), "",
     ]
     if args.markdown:
@@ -187,7 +253,11 @@ def main() -> int:
         settings = {k: getattr(args, k) for k in ("classes", "train_per_class", "val_per_class", "batch",
                                                   "repeat")}
         Path(args.json).write_text(json.dumps({**settings, "ffcv_options": ffcv_opts, "rows": rows,
-                                               "device_stage_images_per_s": dev}, indent=2) + "\n")
+                                               "device_stage_images_per_s": dev,
+                                               "device_decode_on_cpu_images_per_s": dev_decode,
+                                               "device_decode_on_cuda_images_per_s": gpu_decode,
+                                               "steady_state_images_per_s_per_core": steady},
+                                              indent=2) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -37,7 +37,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "model": ("bench.bench_model", ["--models", "rmt_t", "--size", "128", "--batch", "4", "--steps", "2"],
               ["--json"]),
     "data": ("bench.bench_data", ["--classes", "4", "--train-per-class", "16", "--val-per-class", "8",
-                                  "--batch", "16", "--workers", "1", "--repeat", "1"],
+                                  "--batch", "16", "--workers", "0", "1", "--repeat", "1"],
              ["--json", "--markdown"]),
     # its defaults are small already (450 images); fewer would measure start-up, not throughput
     "shards": ("bench.bench_shards", [], ["--json", "--markdown"]),
@@ -81,11 +81,19 @@ def summarize(name: str, data: dict) -> list[dict]:
     if name == "data":
         out = []
         for r in data["rows"]:
-            if r["pipeline"] in ("wds", "ffcv"):
-                ra = f", RandAugment {r['rand_augment']}" if r["rand_augment"] else ""
-                out.append(_row(name, f"{r['split']} loader {r['pipeline']}{ra}, {r['workers']} worker(s)",
-                                r["images_per_s_per_core"], "images/s per core", r["per_core_vs_baseline"],
-                                "per core vs ImageFolder + timm"))
+            if r["pipeline"] == "baseline":
+                continue
+            ra = f", RandAugment {r['rand_augment']}" if r["rand_augment"] else ""
+            what = f"{r['split']} loader {r['pipeline']}{ra}, {r['workers']} worker(s)"
+            if r["pipeline"].endswith("-device"):  # data.decode=device: the CPU side only
+                out.append(_row(name, what + ", CPU side", r["images_per_s_per_core"], "images/s per core",
+                                r["per_core_vs_cpu_path"], "per core vs the same format's CPU decode path"))
+            else:
+                out.append(_row(name, what, r["images_per_s_per_core"], "images/s per core",
+                                r["per_core_vs_baseline"], "per core vs ImageFolder + timm"))
+        if any(r["pipeline"].endswith("-device") for r in data["rows"]):
+            out.append(_row(name, "data.decode=device: decode + augment of a batch on the GPU", None,
+                            "ms per batch", None, "unmeasured (no GPU)"))
         return out
     if name == "shards":
         return [_row(name, f"{r['run']}, {r['workers']} worker(s)", r["images_per_s"], "images/s",

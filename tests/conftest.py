@@ -139,13 +139,29 @@ def trainer(tiny_shards, tmp_path_factory):
     return Trainer(tmp_path_factory.mktemp("runs"), tiny_shards)
 
 
-@pytest.fixture(scope="session")
-def reference_run(trainer):
-    """A finished 2-process ZeRO-2 run over `tiny_shards` with the full augmentation recipe: 3 epochs x
-    8 steps, checkpoints every 4 steps, EMA decay 0.9 (loader workers 0). Returns (config, run dir)."""
-    config, run = trainer.config("reference", train={"epochs": 3},
-                                 ema={"decay": 0.9, "scale_with_batch": False},
-                                 metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+def recipe_config(trainer, name: str, **data) -> tuple:
+    """(config, run dir) of a 2-process ZeRO-2 run over `tiny_shards` with the full augmentation recipe:
+    3 epochs x 8 steps, checkpoints every 4 steps, EMA decay 0.9 (loader workers 0 unless `data` says
+    otherwise)."""
+    return trainer.config(name, data=data, train={"epochs": 3}, ema={"decay": 0.9, "scale_with_batch": False},
+                          metrics={"log_every": 1, "tensorboard": False, "progress": "lines"})
+
+
+def finished_run(trainer, name: str, **data) -> tuple:
+    """`recipe_config`'s run, finished. Returns (config, run dir)."""
+    config, run = recipe_config(trainer, name, **data)
     ranks = trainer.run(config)
     assert ranks.returncode == 0, ranks.stderr[-5000:]
     return config, run
+
+
+@pytest.fixture(scope="session")
+def reference_run(trainer):
+    """`finished_run` on the CPU decode path (the default on CPU)."""
+    return finished_run(trainer, "reference")
+
+
+@pytest.fixture(scope="session")
+def device_reference_run(trainer):
+    """`finished_run` with data.decode=device (the CPU as the device) and the sample trace on."""
+    return finished_run(trainer, "reference_device", decode="device", trace=True)

@@ -33,6 +33,11 @@ def test_params_reproduce_the_cpu_path_bit_for_bit():
     assert 0.4 < p.flips.mean() < 0.6
 
 
-def test_color_jitter_without_rand_augment_is_refused():
-    with pytest.raises(DataError, match="data.color_jitter"):
-        ParamSource(DataConfig(rand_augment="", color_jitter=0.4))
+def test_color_jitter_is_refused_on_the_device_path_and_auto_picks_cpu_for_it():
+    jitter = DataConfig(rand_augment="", color_jitter=0.4)
+    with pytest.raises(DataError, match="data.decode='device': color jitter"):
+        DataConfig(rand_augment="", color_jitter=0.4, decode="device").validate()
+    assert jitter.decode_on("cuda:0") == "cpu" and DataConfig().decode_on("cuda:0") == "device"
+    assert DataConfig().decode_on("cpu") == "cpu" and DataConfig(decode="device").decode_on("cpu") == "device"
+    with pytest.raises(DataError, match="data.decode='gpu': must be one of auto, cpu, device"):
+        DataConfig(decode="gpu").validate()

@@ -28,9 +28,14 @@ def test_summary_rows_come_from_each_benchmarks_json():
         {"split": "train", "rand_augment": "yes", "workers": 1, "pipeline": "baseline", "images_per_s": 9.0,
          "images_per_s_per_core": 10.0, "per_core_vs_baseline": 1.0},
         {"split": "val", "rand_augment": None, "workers": 2, "pipeline": "ffcv", "images_per_s": 50.0,
-         "images_per_s_per_core": 40.0, "per_core_vs_baseline": 4.0}]}
-    assert [(r["what"], r["value"], r["ratio"]) for r in summarize("data", data)] == [
-        ("val loader ffcv, 2 worker(s)", 40.0, 4.0)]  # the baseline is the ratio's reference, no row
+         "images_per_s_per_core": 40.0, "per_core_vs_baseline": 4.0},
+        {"split": "val", "rand_augment": None, "workers": 2, "pipeline": "ffcv-device", "images_per_s": 90.0,
+         "images_per_s_per_core": 400.0, "per_core_vs_baseline": 40.0, "per_core_vs_cpu_path": 10.0}]}
+    assert [(r["what"], r["value"], r["ratio"], r["vs"]) for r in summarize("data", data)] == [
+        ("val loader ffcv, 2 worker(s)", 40.0, 4.0, "per core vs ImageFolder + timm"),  # no baseline row
+        ("val loader ffcv-device, 2 worker(s), CPU side", 400.0, 10.0,
+         "per core vs the same format's CPU decode path"),
+        ("data.decode=device: decode + augment of a batch on the GPU", None, None, "unmeasured (no GPU)")]
     assert summarize("engine", {"note": "an older bench_engine without the step numbers"}) == []
 
 

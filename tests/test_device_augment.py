@@ -11,6 +11,7 @@ from pipeline.data.load.aug_params import ParamSource
 from pipeline.data.load.augment import TrainAugment, ValAugment, resize, seeded_pil_rngs
 from pipeline.data.load.config import DataConfig
 from pipeline.data.load.device_augment import crop_resize, decode_batch, rand_augment, val_resize_crop
+from pipeline.data.load.device_batches import jpeg_frame, peek
 from tests.test_augment import _jpeg
 
 PARAMS = ParamSource(DataConfig(img_size=64))
@@ -107,3 +108,25 @@ def test_whole_train_transform_distribution_matches_the_cpu_path():
                         for j in idx]).astype(np.float64)
     assert np.abs(ours.mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.5
     assert np.abs(ours.std((0, 1, 2)) / ref.std((0, 1, 2)) - 1).max() < 0.03
+
+
+def test_worker_header_peek_matches_pil_and_rejects_garbage():
+    """`peek` (the device path's header read: JPEG frame header, else PIL) gives PIL's size and
+    decode-on-device decision for baseline/progressive RGB, grayscale, CMYK, EXIF/ICC-laden JPEGs and PNG."""
+    from pipeline.data.load.device_augment import on_device
+
+    img = Image.open(io.BytesIO(_jpeg(70, 50, seed=2))).convert("RGB")
+    datas = []
+    for mode, fmt, kw in (("RGB", "JPEG", {}), ("RGB", "JPEG", {"progressive": True}), ("L", "JPEG", {}),
+                          ("CMYK", "JPEG", {}), ("RGB", "JPEG", {"icc_profile": b"x" * 70_000}),
+                          ("RGB", "JPEG", {"exif": b"Exif\x00\x00" + bytes(40)}), ("RGB", "PNG", {})):
+        buf = io.BytesIO()
+        img.convert(mode).save(buf, fmt, **kw)
+        datas.append(buf.getvalue())
+    for data in datas:
+        ref = Image.open(io.BytesIO(data))
+        assert peek(data) == (ref.size, on_device(ref)), (ref.format, ref.mode)
+    assert [jpeg_frame(d) is not None for d in datas] == [True] * 6 + [False]
+    assert [peek(d).jpeg for d in datas] == [True, True, False, False, True, True, False]
+    with pytest.raises(Exception, match="cannot identify image file"):
+        peek(b"\xff\xd8\xff\x00garbage" * 10)

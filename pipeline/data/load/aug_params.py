@@ -8,6 +8,8 @@ STREAM_CROP uniforms (`rrc_box`), RandAugment from the STREAM_PIL key, replaying
 (ops chosen with replacement by `np.random.choice`; per op: the `prob` test, the gauss magnitude
 noise clipped to [0, magnitude_max or 10], then timm's own `level_fn`, which draws the sign of the
 signed ops). The arguments are timm's level-function outputs, so timm's magnitudes are used as-is.
+Color jitter (only without RandAugment, as timm) has no drawn parameters: the CPU path applies it
+seeded from the entry's PIL key (`apply_cpu`); the device path refuses it (config.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TrainParams:
     flips: np.ndarray  # (B,) bool: horizontal flip (applied after the crop, before RandAugment)
     ops: np.ndarray  # (B, L) int64 index into `ParamSource.op_names`, or SKIP
     args: np.ndarray  # (B, L) float64 the op's argument (timm's level_fn output; 0 for no-argument ops)
+    keys: np.ndarray  # (B,) uint64 the entries' PIL keys (seed color jitter on the CPU path)
 
 
 class ParamSource:
@@ -43,12 +46,11 @@ class ParamSource:
 
     def __init__(self, cfg: DataConfig):
         self.augment = TrainAugment(cfg)
+        self.size = cfg.img_size
         self.hflip = cfg.hflip
         ra = self.augment.rand_augment
-        if ra is None and self.augment.color_jitter is not None:
-            raise DataError("data.color_jitter applies only without RandAugment and has no drawn parameters: "
-                            "set data.color_jitter=0 or data.rand_augment for data.decode=device")
         self.rand_augment = ra
+        self.fill = self.augment.fill
         self.op_names = tuple(op.name for op in ra.ops) if ra is not None else ()
         self.num_layers = ra.num_layers if ra is not None else 0
         if ra is not None and any(isinstance(op.kwargs["resample"], (list, tuple)) for op in ra.ops):
@@ -86,11 +88,12 @@ class ParamSource:
                             for h, w, u in zip(heights, widths, us, strict=True)], np.int64).reshape(n, 4)
         ops = np.full((n, self.num_layers), SKIP, np.int64)
         args = np.zeros((n, self.num_layers), np.float64)
+        keys = self.augment.pil_keys(epoch, indices, repeats)
         if self.rand_augment is not None:
             with seeded_pil_rngs() as seed:
-                for j, key in enumerate(self.augment.pil_keys(epoch, indices, repeats).tolist()):
+                for j, key in enumerate(keys.tolist()):
                     ops[j], args[j] = self._rand_augment(key, seed)
-        return TrainParams(boxes, us[:, 22] < self.hflip, ops, args)
+        return TrainParams(boxes, us[:, 22] < self.hflip, ops, args, keys)
 
     def apply_pil(self, img: Image.Image, flip: bool, ops, args) -> Image.Image:
         """Flip + RandAugment of one crop with timm's PIL ops, from drawn parameters (no random draws)."""
@@ -103,3 +106,10 @@ class ParamSource:
             level = () if op.level_fn is None else (int(arg) if op.name in _INT_ARG_OPS else float(arg),)
             img = op.aug_fn(img, *level, **op.kwargs)
         return img
+
+    def apply_cpu(self, img: Image.Image, p: TrainParams, j: int, seed) -> np.ndarray:
+        """The CPU path's flip + RandAugment (or seeded color jitter) of entry j's crop, as HWC uint8;
+        `seed` from `seeded_pil_rngs`."""
+        if self.augment.color_jitter is None:
+            return np.asarray(self.apply_pil(img, p.flips[j], p.ops[j], p.args[j]), dtype=np.uint8)
+        return self.augment.pil_stage(img, 0.0 if p.flips[j] else 1.0, int(p.keys[j]), seed)

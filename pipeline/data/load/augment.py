@@ -15,8 +15,10 @@ Stages (both formats apply the same operations with the same parameters):
   timm `RandomErasing` (per sample, python `random` and the device's torch generator seeded from the
   entry key), timm `Mixup`/CutMix with label smoothing (numpy RNG seeded from the batch position).
   Images stay uint8 until the device, which moves 4x fewer bytes than float.
-Random draws therefore depend only on (seed, epoch, sample index, repeat number), never on worker
-count or timing. Device-stage draws depend on the device type (CPU and CUDA torch generators differ).
+With data.decode=device the crop and PIL stages run on the device instead, from the same draws
+(aug_params.py, device_augment.py). Random draws therefore depend only on (seed, epoch, sample index,
+repeat number), never on worker count or timing. Device-stage draws depend on the device type (CPU
+and CUDA torch generators differ).
 """
 
 from __future__ import annotations
@@ -132,12 +134,10 @@ class TrainAugment:
         self.mode = cfg.interpolation
         self.rand_augment = None
         self.color_jitter = None
+        self.fill = tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN)  # RandAugment's affine fill
         if cfg.rand_augment:
-            hparams = dict(
-                translate_const=int(cfg.img_size * 0.45),
-                img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
-                interpolation=self.interp,
-            )
+            hparams = dict(translate_const=int(cfg.img_size * 0.45), img_mean=self.fill,
+                           interpolation=self.interp)
             self.rand_augment = rand_augment_transform(cfg.rand_augment, hparams)
         elif cfg.color_jitter > 0:
             from torchvision.transforms import ColorJitter
@@ -154,7 +154,12 @@ class TrainAugment:
         """Decode `data` (only at the resolution the crop needs) and return the resized crop."""
         img = open_image(data)
         width, height = img.size
-        top, left, h, w = rrc_box(height, width, u, *RRC_SCALE, *RRC_LOG_RATIO)
+        return self.decode_box(img, rrc_box(height, width, u, *RRC_SCALE, *RRC_LOG_RATIO))
+
+    def decode_box(self, img: Image.Image, box) -> Image.Image:
+        """Decode opened `img` (only at the resolution the crop needs), resize box (top, left, h, w)."""
+        width, height = img.size
+        top, left, h, w = (int(v) for v in box)
         if img.format == "JPEG":
             reduce = min(w, h) / self.size
             if reduce >= 2:

@@ -13,6 +13,7 @@ from pipeline.data.formats import FORMATS
 
 INTERPOLATIONS = ("bicubic", "bilinear")
 ERASE_MODES = ("pixel", "rand", "const")
+DECODES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class DataConfig:
     # wds: the epoch order permutes shards, then shuffles samples within windows of consecutive
     # shards holding at least this many samples; >= the split size means one global shuffle.
     shuffle_buffer: int = 50_000
+    # where images are decoded and augmented: "cpu" (loader workers, PIL), "device" (workers only read
+    # the bytes and draw the parameters; the training device decodes and augments the batch), "auto":
+    # device on CUDA, cpu otherwise (and cpu when color jitter, which has no device version, is on)
+    decode: str = "auto"
     skip_bad: bool = False  # undecodable images: skip (replaced in the batch, counted) instead of raising
     pin_memory: bool = True  # only used when the device is CUDA
     prefetch: int = 2  # batches prepared ahead per worker
@@ -72,4 +77,20 @@ class DataConfig:
             raise bad("remode", f"must be one of {', '.join(ERASE_MODES)}")
         if self.rand_augment and not self.rand_augment.startswith("rand-"):
             raise bad("rand_augment", "must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or ''")
+        if self.decode not in DECODES:
+            raise bad("decode", f"must be one of {', '.join(DECODES)}")
+        if self.decode == "device" and self.color_jitter_on:
+            raise bad("decode", "color jitter (data.color_jitter > 0 without data.rand_augment) runs on the "
+                                "CPU only: set data.decode=cpu or data.color_jitter=0")
         return self
+
+    @property
+    def color_jitter_on(self) -> bool:
+        """timm applies color jitter only when RandAugment is off."""
+        return not self.rand_augment and self.color_jitter > 0
+
+    def decode_on(self, device) -> str:
+        """The decode path ("cpu" or "device") for training/evaluating on `device`."""
+        if self.decode != "auto":
+            return self.decode
+        return "device" if str(device).startswith("cuda") and not self.color_jitter_on else "cpu"

@@ -1,8 +1,8 @@
 """Batched decode + train/val transform on the device from drawn parameters (`aug_params.TrainParams`).
 
 Ops (uint8 between ops, as PIL):
-- decode: `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg on CPU); PNG, CMYK
-  and other non-JPEG bytes are decoded on the CPU with PIL (`decode_batch`).
+- decode: `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg on CPU) for RGB JPEGs;
+  PNG, CMYK, grayscale and other bytes are decoded on the CPU with PIL (`decode_cpu`), as the CPU path.
 - crop + antialiased bicubic resize per sample (torch's kernel, which implements PIL's filter; uint8
   on the CPU as `augment.resize`, float then rounded on CUDA).
 - RandAugment: lookup-table ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd)
@@ -31,23 +31,38 @@ _BLEND_OPS = frozenset({"Color", "ColorIncreasing", "Contrast", "ContrastIncreas
 _AFFINE_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 
 
-def decode_batch(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-    """(3, H, W) uint8 RGB tensors on `device`; JPEG (not CMYK) batched on the device, the rest by PIL."""
+def on_device(img: Image.Image) -> bool:
+    """Whether an opened (header-parsed) image is decoded on the device: RGB JPEG only."""
+    return img.format == "JPEG" and img.mode == "RGB"
+
+
+def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    """(3, H, W) uint8 RGB tensors of RGB JPEGs, one batched call (nvJPEG on CUDA, libjpeg on CPU)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out: list[torch.Tensor | None] = [None] * len(datas)
-    jpeg = []
-    for j, data in enumerate(datas):
+    if not datas:
+        return []
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_cpu(data, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 RGB on `device` of a non-JPEG / CMYK / grayscale image (PIL, as the CPU path),
+    or of an HWC uint8 array (an FFCV raw image)."""
+    if not isinstance(data, np.ndarray):
         img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG" and img.mode != "CMYK":
-            jpeg.append(j)
-        else:
-            out[j] = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).to(device)
-    if jpeg:
-        tensors = [torch.frombuffer(bytearray(datas[j]), dtype=torch.uint8) for j in jpeg]
-        for j, x in zip(jpeg, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), strict=True):
-            out[j] = x
-    return out
+        data = img.convert("RGB") if img.mode != "RGB" else img
+    return torch.from_numpy(np.array(data, np.uint8)).permute(2, 0, 1).to(device)
+
+
+def decode_batch(datas: list, device: torch.device, jpeg_mask=None) -> list[torch.Tensor]:
+    """(3, H, W) uint8 RGB tensors on `device`; RGB JPEGs (`jpeg_mask`, else from the headers) batched
+    on the device, the rest by PIL on the CPU."""
+    if jpeg_mask is None:
+        jpeg_mask = [on_device(Image.open(io.BytesIO(d))) for d in datas]
+    jpeg = [j for j, m in enumerate(jpeg_mask) if m]
+    out = dict(zip(jpeg, decode_jpegs([datas[j] for j in jpeg], device), strict=True))
+    return [out[j] if j in out else decode_cpu(d, device) for j, d in enumerate(datas)]
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

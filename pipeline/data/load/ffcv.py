@@ -1,4 +1,4 @@
-"""FFCV .beton reading: FFCV's numba JPEG decode + keyed crop, then the per-sample PIL stage (RandAugment).
+"""FFCV .beton reading: FFCV's numba decode + keyed crop + PIL stage, or (decode=device) the JPEG bytes.
 
 How the order gets in: we do not use FFCV's own orderings. `distributed=True` in FFCV works only
 with RANDOM and SEQUENTIAL (QUASI_RANDOM raises), emulates DistributedSampler (padding by repeating
@@ -17,6 +17,10 @@ over the uint8 batch. Labels come straight from the .beton's metadata table (no 
 
 A JPEG that libjpeg-turbo cannot decode is filled with a sentinel pattern by the decoder (numba
 cannot raise through FFCV's reader thread without hanging it) and reported here like in wds.
+
+With data.decode=device no FFCV `Loader` is built: `FfcvReader.read` takes a sample's stored JPEG
+bytes (or raw pixels) straight from the file through the metadata's data pointer and the allocation
+table's size, and the batch goes to the device as in wds (device_batches.py).
 """
 
 from __future__ import annotations
@@ -163,6 +167,42 @@ class FfcvReader:
             raise DataError(f"FFCV file {self.name} holds {self.num_samples} samples but manifest.json says "
                             f"{entry['num_samples']}; rebuild the shards")
         self.labels = np.asarray(reader.metadata["f1"], np.int64)
+        image = reader.metadata["f0"]
+        self.heights = np.asarray(image["height"], np.int64)
+        self.widths = np.asarray(image["width"], np.int64)
+        self.jpeg = np.asarray(image["mode"]) == 0  # FFCV's RGBImageField: 0 JPEG, 1 raw RGB
+        self.ptrs = np.asarray(image["data_ptr"], np.int64)
+        alloc = reader.alloc_table
+        order = np.argsort(alloc["ptr"], kind="stable")
+        at = np.minimum(np.searchsorted(alloc["ptr"][order], self.ptrs), len(order) - 1)
+        if not np.array_equal(alloc["ptr"][order][at], self.ptrs):
+            raise DataError(f"FFCV file {self.name}: an image's data is not in the allocation table; "
+                            f"rebuild the shards")
+        self.sizes = np.asarray(alloc["size"][order][at], np.int64)
+        self._mm = None
+
+    def where(self, index: int) -> str:
+        return f"FFCV file {self.name}, sample index {int(index)}"
+
+    def read(self, index: int):
+        """A sample's stored image without FFCV's decoder: JPEG bytes, or an HWC uint8 array (raw)."""
+        if self._mm is None:  # read-only map: shared safely by forked workers
+            import mmap
+
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start = int(self.ptrs[index])
+        if self.jpeg[index]:
+            return self._mm[start:start + int(self.sizes[index])]
+        h, w = int(self.heights[index]), int(self.widths[index])
+        return np.frombuffer(self._mm, np.uint8, h * w * 3, start).reshape(h, w, 3)
+
+    def encoded(self, indices: np.ndarray, params=None):
+        """`device_batches.EncodedBatch` of samples (data.decode=device)."""
+        from pipeline.data.load.device_batches import EncodedBatch
+
+        return EncodedBatch([self.read(i) for i in indices.tolist()], self.jpeg[indices],
+                            np.ones(len(indices), bool), indices, params)
 
     def loader(self, batch_size: int, decoder_key: tuple, make_decoder):
         """An FFCV Loader for this file; compiled once per process and decoder (numba takes ~5 s)."""
@@ -214,55 +254,75 @@ def _run(loader, codes: np.ndarray):
 class FfcvTrainBatches:
     """Produces this rank's train batches from the .beton, same contract as WdsTrainBatches."""
 
-    def __init__(self, beton: FfcvReader, augment, skip_bad: bool, batch_size: int, repeats: int, seed: int):
+    def __init__(self, beton: FfcvReader, augment, skip_bad: bool, batch_size: int, repeats: int, seed: int,
+                 device_decode: bool = False):
         self.beton = beton
         self.augment = augment
         self.skip_bad = skip_bad
         self.repeats = repeats
-        size = augment.size
-        self.loader = beton.loader(batch_size, ("train", repeats, seed, size),
-                                   lambda: _decoders(beton.num_samples, repeats, seed)((size, size)))
+        self.device_decode = device_decode  # data.decode=device: no FFCV decoder, send EncodedBatches
+        self.where = beton.where
+        size = augment.size  # augment: the `aug_params.ParamSource`
+        if not device_decode:
+            self.loader = beton.loader(batch_size, ("train", repeats, seed, size),
+                                       lambda: _decoders(beton.num_samples, repeats, seed)((size, size)))
 
     def batches(self, plan, batch_ids):
         batch_ids = list(batch_ids)
+        if self.device_decode:
+            for b in batch_ids:
+                indices = plan.indices[b]
+                p = self.draw(plan.epoch, indices, plan.repeats[b])
+                yield b, self.beton.encoded(indices, p), self.beton.labels[indices], 0
+            return
         if not batch_ids:
             return
         n, r = np.uint64(self.beton.num_samples), np.uint64(self.repeats)
         idx = plan.indices[batch_ids].astype(np.uint64)
         rep = plan.repeats[batch_ids].astype(np.uint64)
         codes = (idx + n * (rep + r * np.uint64(plan.epoch))).reshape(-1)
-        aug = self.augment
+        params = self.augment
         for b, crops in zip(batch_ids, _run(self.loader, codes), strict=True):
-            indices, repeats = plan.indices[b], plan.repeats[b]
-            flips = aug.crop_boxes(plan.epoch, indices, repeats)[:, 22]
-            keys = aug.pil_keys(plan.epoch, indices, repeats).tolist()
+            indices = plan.indices[b]
+            p = self.draw(plan.epoch, indices, plan.repeats[b])
             out = np.empty_like(crops)
             ok = np.ones(len(indices), bool)
             with seeded_pil_rngs() as seed:
                 for j in range(len(indices)):
                     if _is_sentinel(crops[j]):
-                        ok[j] = bad_sample(self._where(indices[j]), ValueError("JPEG decode failed"),
+                        ok[j] = bad_sample(self.where(indices[j]), ValueError("JPEG decode failed"),
                                            self.skip_bad)
                         continue
-                    out[j] = aug.pil_stage(Image.fromarray(crops[j]), flips[j], keys[j], seed)
+                    out[j] = params.apply_cpu(Image.fromarray(crops[j]), p, j, seed)
             yield (b, *fill_bad(out, self.beton.labels[indices], ok))
 
-    def _where(self, index: int) -> str:
-        return f"FFCV file {self.beton.name}, sample index {int(index)}"
+    def draw(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
+        """`TrainParams` of entries; the boxes are those the FFCV decoder takes (stored image sizes)."""
+        return self.augment.draw(epoch, indices, repeats, self.beton.heights[indices],
+                                 self.beton.widths[indices])
 
 
 class FfcvValBatches:
     """Val batches: center crop of crop_pct of the shorter side, INTER_AREA resize (FFCV's decoder)."""
 
-    def __init__(self, beton: FfcvReader, size: int, crop_pct: float, skip_bad: bool, batch_size: int):
+    def __init__(self, beton: FfcvReader, size: int, crop_pct: float, skip_bad: bool, batch_size: int,
+                 device_decode: bool = False):
         self.beton = beton
         self.skip_bad = skip_bad
+        self.device_decode = device_decode
+        self.where = beton.where
         n = beton.num_samples
-        self.loader = beton.loader(batch_size, ("val", size, crop_pct),
-                                   lambda: _decoders(n, 1, 0, center_ratio=crop_pct)((size, size)))
+        if not device_decode:
+            self.loader = beton.loader(batch_size, ("val", size, crop_pct),
+                                       lambda: _decoders(n, 1, 0, center_ratio=crop_pct)((size, size)))
 
     def batches(self, plan, batch_ids):
         batch_ids = list(batch_ids)
+        if self.device_decode:
+            for b in batch_ids:
+                indices = np.asarray(plan[b], np.int64)
+                yield b, self.beton.encoded(indices), self.beton.labels[indices], 0
+            return
         if not batch_ids:
             return
         codes = np.concatenate([np.asarray(plan[b], np.uint64) for b in batch_ids])
@@ -271,17 +331,18 @@ class FfcvValBatches:
             ok = np.ones(len(indices), bool)
             for j, index in enumerate(indices):
                 if _is_sentinel(images[j]):
-                    ok[j] = bad_sample(f"FFCV file {self.beton.name}, sample index {int(index)}",
-                                       ValueError("JPEG decode failed"), self.skip_bad)
+                    ok[j] = bad_sample(self.where(index), ValueError("JPEG decode failed"), self.skip_bad)
             yield (b, *drop_bad(images.copy(), self.beton.labels[indices], ok))
 
 
 def train_batches(cfg, section: dict, augment):
     """(None: no blocks, train batch maker) of the split's ffcv manifest section."""
     beton = FfcvReader(cfg.root, "train", section)
-    return None, FfcvTrainBatches(beton, augment, cfg.skip_bad, cfg.batch_size, cfg.repeated_aug, cfg.seed)
+    return None, FfcvTrainBatches(beton, augment, cfg.skip_bad, cfg.batch_size, cfg.repeated_aug, cfg.seed,
+                                  cfg.decode == "device")
 
 
 def val_batches(cfg, section: dict):
     beton = FfcvReader(cfg.root, "val", section)
-    return FfcvValBatches(beton, cfg.eval_img_size, cfg.crop_pct, cfg.skip_bad, cfg.batch_size)
+    return FfcvValBatches(beton, cfg.eval_img_size, cfg.crop_pct, cfg.skip_bad, cfg.batch_size,
+                          cfg.decode == "device")

@@ -7,8 +7,10 @@ them back in task order, so the output order (and, the augmentation being keyed 
 content) does not depend on the number of workers. Workers are forked (FFCV's compiled pipeline is
 inherited, not pickled) afresh for each pass over an epoch, which is also how a new epoch's plan
 reaches them. The main process moves each batch to the device (pinned, non-blocking on CUDA) and
-runs the device stage (normalise, RandomErasing, Mixup/CutMix) there. Nothing here imports DeepSpeed
-or needs torch.distributed: rank and world size are plain arguments.
+runs the device stage (normalise, RandomErasing, Mixup/CutMix) there. With `data.decode=device`
+(`DataConfig.decode_on`) workers send encoded bytes + drawn parameters instead, which the main
+process decodes and augments on the device first (device_batches.py); batches then look the same.
+Nothing here imports DeepSpeed or needs torch.distributed: rank and world size are plain arguments.
 
 Position semantics: `samples_seen` counts global entries of the epoch consumed by batches already
 yielded (W*B per batch). `set_epoch(e)` with a different epoch restarts at 0; with the current epoch
@@ -18,6 +20,7 @@ epoch+1, position 0. `state_dict()` is identical on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -27,8 +30,10 @@ import torch
 from pipeline.data import manifest
 from pipeline.data.errors import DataError
 from pipeline.data.formats import FORMATS
-from pipeline.data.load.augment import DeviceAugment, TrainAugment, batch_key
+from pipeline.data.load.aug_params import ParamSource
+from pipeline.data.load.augment import DeviceAugment, batch_key
 from pipeline.data.load.config import DataConfig
+from pipeline.data.load.device_batches import DeviceDecoder
 from pipeline.data.load.sampler import batches_per_epoch, epoch_order, rank_plan, val_range
 
 log = logging.getLogger(__name__)
@@ -88,15 +93,20 @@ class TrainLoader:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
+        device = torch.device(device)
+        cfg = dataclasses.replace(cfg, decode=cfg.decode_on(device))
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         contents = manifest.read(cfg.root)
         section = manifest.split_section(contents, cfg.root, "train", cfg.format)
         self.num_classes = len(contents["classes"])
         self.num_samples = int(section["num_samples"])
-        self.augment = TrainAugment(cfg)
+        self.params = ParamSource(cfg)
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=True)
         self.blocks, self.format_batches = FORMATS[cfg.format].load_module().train_batches(
-            cfg, section[cfg.format], self.augment)
+            cfg, section[cfg.format], self.params)
+        self.decoder = None
+        if cfg.decode == "device":
+            self.decoder = DeviceDecoder(cfg, self.device, self.format_batches.where, self.params)
         if len(self) == 0:
             raise DataError(f"train split has {self.num_samples} samples, fewer than one global batch "
                             f"({world_size} ranks x data.batch_size={cfg.batch_size}); lower data.batch_size")
@@ -148,6 +158,8 @@ class TrainLoader:
         cuda = self.device.type == "cuda"
         batches = _stream(self.format_batches, plan, plan.num_batches, self.cfg, self.device)
         for b, images, labels, skipped in batches:
+            if self.decoder is not None:
+                images, labels, skipped = self.decoder.train(images, labels)
             if skipped:
                 self.skipped += skipped
                 log.warning("rank %d: %d undecodable images replaced so far", self.rank, self.skipped)
@@ -168,7 +180,9 @@ class ValLoader:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
-        self.cfg, self.device = cfg, torch.device(device)
+        device = torch.device(device)
+        cfg = dataclasses.replace(cfg, decode=cfg.decode_on(device))
+        self.cfg, self.device = cfg, device
         contents = manifest.read(cfg.root)
         section = manifest.split_section(contents, cfg.root, "val", cfg.format)
         self.num_classes = len(contents["classes"])
@@ -179,6 +193,8 @@ class ValLoader:
         self.batch_indices = [np.arange(i, min(i + b, share.stop)) for i in range(share.start, share.stop, b)]
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=False)
         self.format_batches = FORMATS[cfg.format].load_module().val_batches(cfg, section[cfg.format])
+        self.decoder = DeviceDecoder(cfg, self.device, self.format_batches.where) if cfg.decode == "device" \
+            else None
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -189,6 +205,8 @@ class ValLoader:
         batches = _stream(self.format_batches, self.batch_indices, len(self.batch_indices), self.cfg,
                           self.device)
         for _, images, labels, skipped in batches:
+            if self.decoder is not None:
+                images, labels, skipped = self.decoder.val(images, labels)
             self.skipped += skipped
             images = torch.as_tensor(images).to(self.device, non_blocking=cuda)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=cuda)

@@ -26,7 +26,8 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.data.errors import DataError
-from pipeline.data.load.augment import ValAugment, seeded_pil_rngs
+from pipeline.data.load import device_batches  # module, not names: it imports this module too
+from pipeline.data.load.augment import ValAugment, open_image, seeded_pil_rngs
 
 log = logging.getLogger(__name__)
 
@@ -256,35 +257,59 @@ class ShardSet:
 class _ShardBatches:
     """A batch maker over the shards of one split (`augment`: the split's CPU stage)."""
 
-    def __init__(self, shards: ShardSet, augment, skip_bad: bool):
+    def __init__(self, shards: ShardSet, augment, skip_bad: bool, device_decode: bool = False):
         self.shards = shards
         self.augment = augment
         self.skip_bad = skip_bad
+        self.device_decode = device_decode  # data.decode=device: send `device_batches.EncodedBatch`es
+
+    def where(self, index: int) -> str:
+        return self.shards.where(int(index))
+
+    def open(self, indices: np.ndarray):
+        """(bytes, headers (None: unreadable, reported), labels, ok) of samples; a header is the
+        header-parsed PIL image, or on the device path a `device_batches.Header`."""
+        peek = device_batches.peek if self.device_decode else open_image
+        datas, heads = [], []
+        labels = np.empty(len(indices), np.int64)
+        ok = np.ones(len(indices), bool)
+        for j, index in enumerate(indices.tolist()):
+            data, labels[j] = self.shards.read(index)
+            datas.append(data)
+            try:
+                heads.append(peek(data))
+            except Exception as e:  # PIL raises many types for bad data
+                ok[j] = bad_sample(self.where(index), e, self.skip_bad)
+                heads.append(None)
+        return datas, heads, labels, ok
 
 
 class WdsTrainBatches(_ShardBatches):
-    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch."""
+    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch;
+    `augment` is the `aug_params.ParamSource`."""
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
             yield (b, *self.produce(plan.epoch, plan.indices[b], plan.repeats[b]))
 
     def produce(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
-        aug = self.augment
-        us = aug.crop_boxes(epoch, indices, repeats)
-        keys = aug.pil_keys(epoch, indices, repeats).tolist()
-        out = np.empty((len(indices), aug.size, aug.size, 3), np.uint8)
-        labels = np.empty(len(indices), np.int64)
-        ok = np.ones(len(indices), bool)
+        params = self.augment
+        datas, imgs, labels, ok = self.open(indices)
+        sizes = [img.size if img is not None else (1, 1) for img in imgs]
+        p = params.draw(epoch, indices, repeats, [h for _, h in sizes], [w for w, _ in sizes])
+        if self.device_decode:
+            return device_batches.encoded(datas, imgs, ok, indices, p), labels, 0
+        out = np.empty((len(indices), params.size, params.size, 3), np.uint8)
         with seeded_pil_rngs() as seed:
-            for j, index in enumerate(indices.tolist()):
-                data, labels[j] = self.shards.read(index)
-                try:
-                    img = aug.decode_crop(data, us[j])
-                except Exception as e:  # PIL raises many types for bad data
-                    ok[j] = bad_sample(self.shards.where(index), e, self.skip_bad)
+            for j, img in enumerate(imgs):
+                if img is None:
                     continue
-                out[j] = aug.pil_stage(img, us[j, 22], keys[j], seed)
+                try:
+                    crop = params.augment.decode_box(img, p.boxes[j])
+                except Exception as e:  # PIL raises many types for bad data
+                    ok[j] = bad_sample(self.where(indices[j]), e, self.skip_bad)
+                    continue
+                out[j] = params.apply_cpu(crop, p, j, seed)
         return fill_bad(out, labels, ok)
 
 
@@ -294,6 +319,10 @@ class WdsValBatches(_ShardBatches):
     def batches(self, plan, batch_ids):
         for b in batch_ids:
             indices = plan[b]
+            if self.device_decode:
+                datas, imgs, labels, ok = self.open(indices)
+                yield b, device_batches.encoded(datas, imgs, ok, indices), labels, 0
+                continue
             out = np.empty((len(indices), self.augment.size, self.augment.size, 3), np.uint8)
             labels = np.empty(len(indices), np.int64)
             ok = np.ones(len(indices), bool)
@@ -341,8 +370,9 @@ def drop_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
 def train_batches(cfg, section: dict, augment):
     """(shard blocks for the epoch shuffle, train batch maker) of the split's wds manifest section."""
     shards = ShardSet(cfg.root, "train", section["shards"])
-    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad)
+    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad, cfg.decode == "device")
 
 
 def val_batches(cfg, section: dict):
-    return WdsValBatches(ShardSet(cfg.root, "val", section["shards"]), ValAugment(cfg), cfg.skip_bad)
+    return WdsValBatches(ShardSet(cfg.root, "val", section["shards"]), ValAugment(cfg), cfg.skip_bad,
+                         cfg.decode == "device")
