@@ -80,7 +80,8 @@ def test_mismatched_targets_and_weights_are_refused():
 def _tl_config(root, loss="token_label", **model):
     from pipeline.train.config import config_from_dict
 
-    return config_from_dict({"data": {"root": str(root)}, "train": {"loss": loss},
+    return config_from_dict({"data": {"root": str(root), "mixup": 0.0, "cutmix": 0.0},
+                             "train": {"loss": loss},
                              "model": {"name": "rmt_s_tl", "num_classes": 5, **model}})
 
 
@@ -118,7 +119,7 @@ def test_the_token_label_loss_builds_targets_from_the_batch_on_the_token_grid(tm
 
 
 def test_token_label_needs_a_token_label_model_and_shards_with_maps(tmp_path):
-    from pipeline.train.config import ConfigError
+    from pipeline.train.config import ConfigError, config_from_dict
     from pipeline.train.losses import build_loss
 
     with_maps, without = _manifest(tmp_path / "a", True), _manifest(tmp_path / "b", False)
@@ -133,5 +134,8 @@ def test_token_label_needs_a_token_label_model_and_shards_with_maps(tmp_path):
     with pytest.raises(ConfigError, match="'rmt_s_tl' is a token-labeling model and trains with "
                                           "train.loss=token_label, not 'cross_entropy'"):
         build_loss(_tl_config(with_maps, loss="cross_entropy"))
+    with pytest.raises(ConfigError, match="'data.mixup' / 'data.cutmix' are 0.8 / 0.0, but .* set both to 0"):
+        build_loss(config_from_dict({"data": {"root": str(with_maps), "cutmix": 0.0},
+                                     "train": {"loss": "token_label"}, "model": {"name": "rmt_s_tl"}}))
     # a tiny token-labeling RMT-T through model.kwargs counts as one
     assert build_loss(_tl_config(with_maps, name="rmt_t", kwargs={"token_label": True})) is not None

@@ -48,6 +48,8 @@ class TokenLabel:
     The token grid is the model's final-stage grid, read off the aux logits: N tokens over an H x W
     input of stride s = sqrt(H W / N)."""
 
+    uses_label_maps = True  # the train loader adds the batch's LabelTargets
+
     def __init__(self, cfg: Config):
         if not is_token_label_model(cfg):
             raise ConfigError(f"config key 'train.loss': token_label needs a token-labeling model, but "
@@ -61,6 +63,10 @@ class TokenLabel:
             raise ConfigError(f"config key 'train.loss': token_label needs label maps in the shards, but "
                               f"data.root={cfg.data.root!r} has none: rebuild them with "
                               f"make shards LABELS=<maps> (maps: python -m pipeline label-maps)")
+        if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+            raise ConfigError(f"config keys 'data.mixup' / 'data.cutmix' are {cfg.data.mixup} / "
+                              f"{cfg.data.cutmix}, but train.loss=token_label mixes with MixToken in the "
+                              f"model (Mixup would move pixels away from their label maps): set both to 0")
         self.smoothing = cfg.data.smoothing
         self.loss = TokenLabelCrossEntropy()
 

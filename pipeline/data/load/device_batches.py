@@ -123,8 +123,9 @@ class DeviceDecoder:
             out[j] = x
         return out, ok
 
-    def train(self, batch: EncodedBatch, labels):
-        """(uint8 (B, S, S, 3) on the device, labels, number of undecodable images replaced)."""
+    def train(self, batch: EncodedBatch, labels, maps=None):
+        """(uint8 (B, S, S, 3) on the device, labels, number of undecodable images replaced); the batch's
+        `LabelTargets` (`maps`) get the same replacements."""
         images, ok = self._decode(batch)
         p, size = batch.params, self.params.size
         x = torch.zeros(len(ok), 3, size, size, dtype=torch.uint8, device=self.device)
@@ -135,7 +136,7 @@ class DeviceDecoder:
         x = torch.where(torch.as_tensor(p.flips, device=self.device).view(-1, 1, 1, 1), x.flip(-1), x)
         if self.params.rand_augment is not None:
             x = rand_augment(x, p.ops, p.args, self.params.op_names, self.params.fill)
-        x, labels, skipped = wds.fill_bad(x, torch.as_tensor(labels), ok)
+        x, labels, skipped = wds.fill_bad(x, torch.as_tensor(labels), ok, maps or ())
         return x.permute(0, 2, 3, 1), labels, skipped
 
     def val(self, batch: EncodedBatch, labels):
