@@ -337,7 +337,7 @@ class WdsTrainBatches(_ShardBatches):
                 if img is None:
                     continue
                 try:
-                    crop = params.augment.decode_box(img, p.boxes[j])
+                    crop = params.augment.decode_box(img, p.boxes[j], p.modes[j] if p.modes else None)
                 except Exception as e:  # PIL raises many types for bad data
                     ok[j] = bad_sample(self.where(indices[j]), e, self.skip_bad)
                     continue
