@@ -19,7 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_slurm import DEMO, FINAL_STATES, OVERRIDES, SCRIPT, _final_state, _job, _log, _metrics, _wait
+from test_slurm import (
+    DEMO,
+    FINAL_STATES,
+    JOB_TIMEOUT_S,
+    OVERRIDES,
+    SCRIPT,
+    _final_state,
+    _job,
+    _log,
+    _metrics,
+    _wait,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -33,7 +44,7 @@ LOCK_WAIT_S = 900
 MAX_STEPS = 16
 STEPS = [f"train.max_steps={MAX_STEPS}", "train.eval_every_epochs=2"]  # after OVERRIDES: later wins
 NODE_IP = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
-COLLECTIVE_TIMEOUT_S = 20
+COLLECTIVE_TIMEOUT_S = 15  # below what SLURM needs to call a silent node dead here (~25 s)
 
 
 def _start(env: dict[str, str]) -> None:
@@ -162,10 +173,13 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
     ends = [m for m in _metrics(run_dir) if m["kind"] == "end"]
     assert [e["reason"] for e in ends] == ["signal", "finished"], ends
     assert 2 <= ends[0]["step"] < MAX_STEPS and ends[1]["step"] == MAX_STEPS
-    # every rank on both nodes stopped at that step: one checkpoint with all 4 ranks' partitions
-    stopped = run_dir / "checkpoints" / f"step_{ends[0]['step']:08d}"
-    assert len(list(stopped.glob("*zero_pp_rank_*optim_states.pt"))) == 4
-    assert f"resume from: {stopped}" in log
+    # every rank on both nodes stopped at that step: the 4-rank start 2 resumed from its checkpoint
+    # (checkpoint.keep=2 has removed it since), and the end state matches
+    assert f"resume from: {run_dir}/checkpoints/step_{ends[0]['step']:08d}" in log
+    exited = re.findall(r"srun: error: (node\d): tasks? (\d+)(?:-(\d+))?: Exited with exit code 75",
+                        log.split("start 2 (requeued")[0])
+    ranks = {r: node for node, a, b in exited for r in range(int(a), int(b or a) + 1)}
+    assert ranks == {0: "node1", 1: "node1", 2: "node2", 3: "node2"}, log  # every rank saved, exited 75
     assert job["NodeList"] == "node[1-2]"
     differ, largest = _compare(_final_state(two_nodes[1]), _final_state(run_dir))
     assert not differ, f"{len(differ)} tensors differ (largest {largest:g}), e.g. {differ[:5]}"
@@ -215,13 +229,15 @@ def test_lost_node_ends_survivors_then_one_node_resumes(how, mn_env, tiny_shards
         # The survivors (ranks 0, 1 on node1) end by themselves: the ranks' own output says so.
         deadline = t_lost + 3 * COLLECTIVE_TIMEOUT_S
         log = _log(run_dir, job_id)
-        while time.monotonic() < deadline and not re.search(r"^[01]: error: ", log, re.M):
+        # (or SLURM ends them first, when it has called node2 dead: "... DUE TO NODE FAILURE")
+        ended = r"^[01]: (?:error: .*|slurmstepd-node1: error: .* DUE TO NODE FAILURE.*)$"
+        while time.monotonic() < deadline and not re.search(ended, log, re.M):
             time.sleep(0.5)
             log = _log(run_dir, job_id)
         waited = time.monotonic() - t_lost
-        print(f"node2 {how} after step {lost_step}: survivors' error after {waited:.1f} s; "
+        errors = re.findall(ended, log, re.M)
+        print(f"node2 {how} after step {lost_step}: survivors ended after {waited:.1f} s ({errors[:1]}); "
               f"{_slurm_view(mn_env, job_id)}")
-        errors = re.findall(r"^[01]: error: .*$", log, re.M)
         assert errors, f"no error from the ranks on node1 within {3 * COLLECTIVE_TIMEOUT_S} s:\n{log}"
         assert waited < COLLECTIVE_TIMEOUT_S + 15, errors
         assert any(re.search(r"step \d+", e) for e in errors), errors
@@ -289,3 +305,68 @@ def test_early_signal_is_not_lost(when, mn_env, tiny_shards, tmp_path_factory):
     else:  # the trainer got the re-sent signal once its handler was in: one step, checkpoint, exit 75
         assert "training stopped after saving a checkpoint (exit 75): requeuing job" in log, log
         assert [reason for reason, _ in ends] == ["signal", "finished"] and ends[0][1] < 8, ends
+
+
+def _processes(ns: str, word: bytes) -> list[int]:
+    """PIDs in netns `ns` whose command line contains `word`."""
+    found = []
+    for pid in _ns_pids(ns):
+        try:
+            if word in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _log_until(run_dir: Path, job_id: str, pattern: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = _log(run_dir, job_id)
+        if re.search(pattern, log, re.M):
+            return log
+        time.sleep(0.3)
+    return _log(run_dir, job_id)
+
+
+def test_preflight_names_a_cpu_starved_node(mn_env, tiny_shards, tmp_path_factory):
+    """node2's slurmd (so its tasks) at nice 19 while two busy loops keep every CPU loaded."""
+    tmp = tmp_path_factory.mktemp("mn")
+    slurmd = int(Path(MN_DIR, "nodes", "node2", "slurmd.pid").read_text())
+    os.setpriority(os.PRIO_PROCESS, slurmd, 19)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        job_id, run_dir = _submit(mn_env, tmp, "slow", tiny_shards, nodes=2, tasks_per_node=2)
+        log = _log_until(run_dir, job_id, r"preflight: \d+ ranks ok|preflight FAILED", JOB_TIMEOUT_S)
+    finally:
+        for hog in hogs:
+            hog.kill()
+        os.setpriority(os.PRIO_PROCESS, slurmd, 0)
+    subprocess.run(["scancel", job_id], env=mn_env)
+    _wait(mn_env, job_id, run_dir)
+    print("\n".join(line for line in log.splitlines() if "preflight:" in line))
+    assert "preflight: SLOW host node2: ranks [2, 3]" in log, log
+    assert "SLOW host node1" not in log, log
+
+
+def test_preflight_fails_the_job_when_a_node_cannot_reach_rank_0(mn_env, tiny_shards, tmp_path_factory):
+    """node2 loses its route to node1 as its preflight starts: the job fails naming node2, no training."""
+    tmp = tmp_path_factory.mktemp("mn")
+    t0 = time.monotonic()
+    job_id, run_dir = _submit(mn_env, tmp, "unreachable", tiny_shards, nodes=2, tasks_per_node=2)
+    job = _wait(mn_env, job_id, run_dir, until=lambda j: bool(_processes("mn-node2", b"preflight")))
+    route = ["ip", "-n", "mn-node2", "route", "add", "blackhole", f"{NODE_IP['node1']}/32"]
+    subprocess.run(route, check=True)
+    try:
+        log = _log_until(run_dir, job_id, r"^0: error: preflight", 60)
+        failed_after = time.monotonic() - t0
+    finally:
+        subprocess.run([*route[:4], "del", *route[5:]], check=True)
+    job = _wait(mn_env, job_id, run_dir)
+    log = _log(run_dir, job_id)
+    print(f"unreachable node2: rank 0's error {failed_after:.1f} s after submit; job {job['JobState']} "
+          f"{job['ExitCode']} after {time.monotonic() - t0:.1f} s")
+    assert "0: error: preflight: ranks [2, 3] did not check in" in log and "hosts that did: node1" in log, log
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), log
+    assert "preflight FAILED (exit 1); NOT training" in log, log
+    assert not _metrics(run_dir), "training started"
