@@ -22,7 +22,6 @@ import torch
 from test_slurm import (
     DEMO,
     FINAL_STATES,
-    JOB_TIMEOUT_S,
     OVERRIDES,
     SCRIPT,
     _final_state,
@@ -329,26 +328,6 @@ def _log_until(run_dir: Path, job_id: str, pattern: str, timeout_s: float) -> st
     return _log(run_dir, job_id)
 
 
-def test_preflight_names_a_cpu_starved_node(mn_env, tiny_shards, tmp_path_factory):
-    """node2's slurmd (so its tasks) at nice 19 while two busy loops keep every CPU loaded."""
-    tmp = tmp_path_factory.mktemp("mn")
-    slurmd = int(Path(MN_DIR, "nodes", "node2", "slurmd.pid").read_text())
-    os.setpriority(os.PRIO_PROCESS, slurmd, 19)
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
-    try:
-        job_id, run_dir = _submit(mn_env, tmp, "slow", tiny_shards, nodes=2, tasks_per_node=2)
-        log = _log_until(run_dir, job_id, r"preflight: \d+ ranks ok|preflight FAILED", JOB_TIMEOUT_S)
-    finally:
-        for hog in hogs:
-            hog.kill()
-        os.setpriority(os.PRIO_PROCESS, slurmd, 0)
-    subprocess.run(["scancel", job_id], env=mn_env)
-    _wait(mn_env, job_id, run_dir)
-    print("\n".join(line for line in log.splitlines() if "preflight:" in line))
-    assert "preflight: SLOW host node2: ranks [2, 3]" in log, log
-    assert "SLOW host node1" not in log, log
-
-
 def test_preflight_fails_the_job_when_a_node_cannot_reach_rank_0(mn_env, tiny_shards, tmp_path_factory):
     """node2 loses its route to node1 as its preflight starts: the job fails naming node2, no training."""
     tmp = tmp_path_factory.mktemp("mn")
@@ -368,5 +347,5 @@ def test_preflight_fails_the_job_when_a_node_cannot_reach_rank_0(mn_env, tiny_sh
           f"{job['ExitCode']} after {time.monotonic() - t0:.1f} s")
     assert "0: error: preflight: ranks [2, 3] did not check in" in log and "hosts that did: node1" in log, log
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), log
-    assert "preflight FAILED (exit 1); NOT training" in log, log
+    assert re.search(r"preflight FAILED \(exit \d+\); NOT training", log), log  # srun: the killed tasks' code
     assert not _metrics(run_dir), "training started"
