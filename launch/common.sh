@@ -13,6 +13,7 @@
 #   MAX_REQUEUES  requeues before giving up        (default: 20)
 #   SRUN_WAIT     seconds srun waits for the other tasks once one has exited (default: 120)
 #   SRUN_ARGS     extra srun options (containers: --container-image=...; bindings; ...)
+#   PREFLIGHT_TIMEOUT  seconds rank 0's preflight waits for every rank to check in (default: 60)
 #   SITE_SETUP    file sourced before training (module loads, conda, NCCL site settings)
 #                 (default: launch/site.sh when it exists)
 #   NCCL_*        passed through; NCCL_DEBUG defaults to WARN (see launch/README.md)
@@ -156,7 +157,7 @@ rmt_training_outcome() {
 rmt_slurm_main() {
   set -u -o pipefail
   [ -n "${SLURM_JOB_ID:-}" ] || rmt_fail "not inside a SLURM job: submit with 'sbatch $0', or use launch/local.sh"
-  RMT_EARLY_SIGNAL=0
+  RMT_EARLY_SIGNAL=${RMT_EARLY_SIGNAL:-0}  # the batch script's first-line trap may have set it
   RMT_SRUN_PID=
   trap rmt_on_usr1 USR1
 
@@ -169,8 +170,9 @@ rmt_slurm_main() {
 
   rmt_nccl_defaults
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  export MASTER_ADDR
+  RMT_NODE_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
+  export RMT_NODE_HOSTS  # the job's hosts in order: preflight names the host of a missing rank
+  export MASTER_ADDR=${RMT_NODE_HOSTS%%,*}
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export WORLD_SIZE=$SLURM_NTASKS
 
@@ -191,9 +193,13 @@ rmt_slurm_main() {
   cd "$RMT_ROOT" || rmt_fail "cannot cd to $RMT_ROOT"
   rmt_log_batch_plan "$WORLD_SIZE"
   local status
-  # A preflight that fails (a rank cannot reach the others) ends the job at once, not requeued.
-  if ! rmt_srun preflight 1 "$PYTHON" -m pipeline preflight --device "$DEVICE"; then
-    rmt_log "preflight FAILED (exit $RMT_SRUN_RC); NOT training, NOT requeued: the lines above name the host."
+  # A preflight that fails (a rank cannot reach the others) ends the job at once with exit 1, not requeued.
+  # srun's own code is the highest of its tasks': 1 from the rank that failed, or 143 (SIGTERM) when srun
+  # had to end ranks still waiting (--kill-on-bad-exit), which is the usual case with several ranks.
+  if ! rmt_srun preflight 1 "$PYTHON" -m pipeline preflight --device "$DEVICE" \
+      --timeout-s "${PREFLIGHT_TIMEOUT:-60}"; then
+    rmt_log "preflight FAILED (srun exit $RMT_SRUN_RC); NOT training, NOT requeued (job exit 1):" \
+      "the lines above name the host."
     status=1
   elif [ "$RMT_EARLY_SIGNAL" = 1 ]; then
     rmt_requeue_or_stop "SIGUSR1 before training started"; status=$?

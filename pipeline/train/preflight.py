@@ -7,13 +7,17 @@ collective of training. Then each rank times a small float32 matmul, one rank at
 share cores do not slow each other's measurement, so a slow host stands out), and all ranks time an
 all_reduce together. Rank 0 prints one line per rank and names the hosts whose matmul speed is below
 `--slow-fraction` of the median. Exit codes: 0 ok (slow hosts are a warning), 1 a rank is unreachable.
-A few seconds in all.
+A few seconds in all. Rank 0 gives up waiting for check-ins after `--timeout-s`, the others after twice
+that, so the report comes from rank 0, which names every missing rank (and its host when the launcher
+exported RMT_NODE_HOSTS, the job's hosts in order, and srun placed the ranks in blocks of
+SLURM_NTASKS_PER_NODE).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import socket
 import statistics
 import sys
@@ -31,8 +35,8 @@ class UnreachableError(PipelineError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="device to test (as train.device)")
-    parser.add_argument("--timeout-s", type=float, default=20.0,
-                        help="seconds every rank has to check in at rank 0 before the job fails")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="seconds rank 0 waits for every rank to check in before the job fails")
     parser.add_argument("--matmul-size", type=int, default=256, help="side of the square matmul")
     parser.add_argument("--matmul-s", type=float, default=0.3, help="seconds each rank spends on matmuls")
     parser.add_argument("--allreduce-mb", type=float, default=4.0, help="size of the all_reduce tensor (MB)")
@@ -50,17 +54,26 @@ def _local_address(master_addr: str, port: int) -> str:
             return "?"
 
 
+def _host_of_rank(world_size: int) -> dict[int, str]:
+    """rank -> host for a SLURM step of equal blocks (srun's default placement), else {}."""
+    hosts = [h for h in os.environ.get("RMT_NODE_HOSTS", "").split(",") if h]
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    if not hosts or not per_node.isdigit() or int(per_node) * len(hosts) != world_size:
+        return {}
+    return {r: hosts[r // int(per_node)] for r in range(world_size)}
+
+
 def _check_in(env, host: str, addr: str, timeout_s: float):
     """Every rank registers at rank 0's TCP store; returns the store. Raises naming who is missing."""
     from torch.distributed import TCPStore
 
-    timeout = datetime.timedelta(seconds=timeout_s)
+    wait_s = timeout_s if env.rank == 0 else 2 * timeout_s  # rank 0 reports first: it sees who is missing
     try:
         store = TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
-                         timeout=timeout, wait_for_workers=False)
+                         timeout=datetime.timedelta(seconds=wait_s), wait_for_workers=False)
     except (RuntimeError, OSError) as e:
         raise UnreachableError(f"rank {env.rank} on host {host} ({addr}) cannot reach rank 0 at "
-                               f"{env.master_addr}:{env.master_port} within {timeout_s:g}s "
+                               f"{env.master_addr}:{env.master_port} within {wait_s:g}s "
                                f"({str(e).splitlines()[0][:120]}): check this host's network") from None
     store.set(f"preflight/{env.rank}", f"{host} {addr}")
     if env.rank == 0:
@@ -71,9 +84,11 @@ def _check_in(env, host: str, addr: str, timeout_s: float):
         missing = [r for r, k in enumerate(keys) if not store.check([k])]
         if missing:
             seen = sorted({store.get(k).decode().split()[0] for k in keys if store.check([k])})
-            raise UnreachableError(f"ranks {missing} did not check in at {env.master_addr}:{env.master_port} "
-                                   f"within {timeout_s:g}s (hosts that did: {', '.join(seen)}); the missing "
-                                   "ranks' own messages name their host")
+            hosts = _host_of_rank(env.world_size)
+            where = f" (on {', '.join(sorted({hosts[r] for r in missing}))})" if hosts else ""
+            raise UnreachableError(f"ranks {missing}{where} did not check in at rank 0 ({env.master_addr}:"
+                                   f"{env.master_port}) within {timeout_s:g}s (hosts that did: "
+                                   f"{', '.join(seen)}): check the network of the host(s) named")
     return store
 
 
