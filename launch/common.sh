@@ -196,8 +196,9 @@ rmt_slurm_main() {
   # A preflight that fails (a rank cannot reach the others) ends the job at once with exit 1, not requeued.
   # srun's own code is the highest of its tasks': 1 from the rank that failed, or 143 (SIGTERM) when srun
   # had to end ranks still waiting (--kill-on-bad-exit), which is the usual case with several ranks.
-  if ! rmt_srun preflight 1 "$PYTHON" -m pipeline preflight --device "$DEVICE" \
-      --timeout-s "${PREFLIGHT_TIMEOUT:-60}"; then
+  # A USR1 already received skips preflight: requeue at once.
+  if [ "$RMT_EARLY_SIGNAL" = 0 ] && ! rmt_srun preflight 1 "$PYTHON" -m pipeline preflight \
+      --device "$DEVICE" --timeout-s "${PREFLIGHT_TIMEOUT:-60}"; then
     rmt_log "preflight FAILED (srun exit $RMT_SRUN_RC); NOT training, NOT requeued (job exit 1):" \
       "the lines above name the host."
     status=1

@@ -16,14 +16,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _ranks(world: int, started: int, timeout_s: float = 5.0) -> list[subprocess.CompletedProcess]:
+def _ranks(world: int, started: int, timeout_s: float = 5.0, **env: str) -> list[subprocess.CompletedProcess]:
     """Start `started` of `world` ranks of the preflight command; return their results."""
     port = _port()
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "preflight", "--device", "cpu",
                                "--timeout-s", str(timeout_s), "--matmul-s", "0.1", "--allreduce-mb", "1"],
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                   "OMP_NUM_THREADS": "1"},
+                                   "OMP_NUM_THREADS": "1", **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(started)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -41,10 +41,12 @@ def test_two_ranks_report_host_matmul_and_allreduce():
     assert lines[-1].startswith("preflight: 2 ranks ok") and "0 slow host(s)" in lines[-1]
 
 
-def test_a_rank_that_never_checks_in_fails_fast_naming_the_missing_rank():
-    out = _ranks(2, 1, timeout_s=3)
+def test_a_rank_that_never_checks_in_fails_fast_naming_the_missing_rank_and_its_host():
+    """Ranks 2, 3 of 4 (2 per host, as srun places them) never start: rank 0 names them and host b."""
+    out = _ranks(4, 2, timeout_s=3, RMT_NODE_HOSTS="a,b", SLURM_NTASKS_PER_NODE="2")
     assert out[0].returncode == 1, out[0].stderr
-    assert "ranks [1] did not check in" in out[0].stderr and socket.gethostname() in out[0].stderr
+    assert "error: preflight: ranks [2, 3] (on b) did not check in" in out[0].stderr, out[0].stderr
+    assert f"hosts that did: {socket.gethostname()}" in out[0].stderr
 
 
 def test_slow_host_is_named():
