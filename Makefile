@@ -41,15 +41,21 @@ test-fast: setup  ## the suite without tests marked slow
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check pipeline tests bench
 
-# ---- SLURM (launch/): a real one-node cluster on this machine, for the launch-script tests ----
-.PHONY: slurm-up slurm-down slurm-test
+# ---- SLURM (launch/): real one-node and two-node clusters on this machine, for the launch-script tests ----
+.PHONY: slurm-up slurm-down slurm-mn-up slurm-mn-down slurm-test
 slurm-up:  ## install (as root, if missing) and start munged + slurmctld + slurmd; then: source $$SLURM_LOCAL_DIR/env.sh
 	bash tests/slurm/start-local-slurm.sh
 
 slurm-down:  ## stop the daemons slurm-up started (and cancel the cluster's jobs)
 	bash tests/slurm/stop-local-slurm.sh
 
-slurm-test: setup  ## the SLURM tests (they start and stop the cluster themselves when it is not up)
+slurm-mn-up:  ## as root: a 2-node cluster, each slurmd in its own network namespace; then: source /tmp/mn-slurm/env.sh
+	MN_SLURM_CPUS=$${MN_SLURM_CPUS:-4} MN_SLURM_SLURMD_TIMEOUT=$${MN_SLURM_SLURMD_TIMEOUT:-20} bash tests/slurm/start-multinode-slurm.sh 2
+
+slurm-mn-down:  ## stop the 2-node cluster and remove its namespaces, links and /etc/hosts lines
+	bash tests/slurm/stop-multinode-slurm.sh
+
+slurm-test: setup  ## the SLURM tests, one node and two nodes (each starts and stops its cluster when not up)
 	$(PY) -m pytest -m slurm $(PYTEST_ARGS)
 
 # ---- data: fake ImageNet, shards (pipeline/data/convert/{fake,shards,verify}.py) ----

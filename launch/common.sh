@@ -13,6 +13,7 @@
 #   MAX_REQUEUES  requeues before giving up        (default: 20)
 #   SRUN_WAIT     seconds srun waits for the other tasks once one has exited (default: 120)
 #   SRUN_ARGS     extra srun options (containers: --container-image=...; bindings; ...)
+#   PREFLIGHT_TIMEOUT  seconds rank 0's preflight waits for every rank to check in (default: 60)
 #   SITE_SETUP    file sourced before training (module loads, conda, NCCL site settings)
 #                 (default: launch/site.sh when it exists)
 #   NCCL_*        passed through; NCCL_DEBUG defaults to WARN (see launch/README.md)
@@ -87,12 +88,17 @@ rmt_nccl_defaults() {
 
 # ---- SLURM batch job ------------------------------------------------------------------------------
 
+# SIGUSR1 to the batch shell: remember it, and while the trainer runs send it to the tasks, again every
+# 5 s until the trainer has acted on it (an "end" record in metrics.jsonl since this start) or srun
+# ends: a task ignores USR1 until Python installs its handler (see rmt_srun), so copies sent in the
+# first seconds of a start are lost; the handler only sets a flag, repeats are harmless. No copy after
+# the "end" record: Python restores the default action while it shuts down, and USR1 would kill it.
 rmt_on_usr1() {
-  if [ -n "${RMT_SRUN_PID:-}" ]; then
+  RMT_EARLY_SIGNAL=1
+  if [ "${RMT_SRUN_WHAT:-}" = train ] && [ -n "${RMT_SRUN_PID:-}" ]; then
     rmt_log "SIGUSR1 (time limit or preemption warning): forwarding to the training tasks"
-    kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || true
-  else
-    RMT_EARLY_SIGNAL=1
+    ( while ! tail -n +$((RMT_METRICS_AT_START + 1)) "$RUN_DIR/metrics.jsonl" 2>/dev/null | grep -q '"kind": "end"'
+      do kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || break; sleep 5; done ) &
   fi
 }
 
@@ -112,11 +118,47 @@ rmt_requeue_or_stop() { # $1: why
   return 0
 }
 
+# Run "$@" as every task of the job under srun (RANK/LOCAL_RANK set); $1: what (for the USR1 trap),
+# $2: srun --kill-on-bad-exit. Sets RMT_SRUN_RC. A task ignores USR1 until the program installs its own
+# handler (an ignored signal stays ignored across exec): a default USR1 would kill it.
+rmt_srun() {
+  RMT_SRUN_WHAT=$1
+  RMT_METRICS_AT_START=$(cat "$RUN_DIR/metrics.jsonl" 2>/dev/null | wc -l)
+  local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit="$2" --wait="${SRUN_WAIT:-120}")
+  shift 2
+  # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  # shellcheck disable=SC2086,SC2016  # SRUN_ARGS is a list of options; $SLURM_* expand in each task
+  srun "${srun_opts[@]}" ${SRUN_ARGS:-} \
+    bash -c "trap '' USR1; "'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rmt-task "$@" &
+  RMT_SRUN_PID=$!
+  # A trap runs only while the shell waits; `wait` then returns early, so wait until srun is gone.
+  while :; do
+    wait "$RMT_SRUN_PID"; RMT_SRUN_RC=$?
+    kill -0 "$RMT_SRUN_PID" 2>/dev/null || break
+  done
+  RMT_SRUN_PID=
+  RMT_SRUN_WHAT=
+  [ "$RMT_SRUN_RC" = 0 ]
+}
+
+# Log what the trainer's exit code $1 means and requeue on 75; returns the job's exit status.
+rmt_training_outcome() {
+  case "$1" in
+    0) rmt_log "training finished (exit 0); final checkpoint: $(rmt_resume_point)" ;;
+    "$RMT_EXIT_REQUEUE") rmt_requeue_or_stop "training stopped after saving a checkpoint (exit 75)"
+       return $? ;;
+    *) rmt_log "training FAILED with exit code $1; NOT requeued (a real error would fail again)."
+       rmt_log "Fix the cause, then submit the same command again (resume point: $(rmt_resume_point))" ;;
+  esac
+  return "$1"
+}
+
 # Run the trainer under srun, one task per GPU. Arguments: trainer overrides (dotted.key=value).
 rmt_slurm_main() {
   set -u -o pipefail
   [ -n "${SLURM_JOB_ID:-}" ] || rmt_fail "not inside a SLURM job: submit with 'sbatch $0', or use launch/local.sh"
-  RMT_EARLY_SIGNAL=0
+  RMT_EARLY_SIGNAL=${RMT_EARLY_SIGNAL:-0}  # the batch script's first-line trap may have set it
   RMT_SRUN_PID=
   trap rmt_on_usr1 USR1
 
@@ -131,8 +173,9 @@ rmt_slurm_main() {
 
   rmt_nccl_defaults
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  export MASTER_ADDR
+  RMT_NODE_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
+  export RMT_NODE_HOSTS  # the job's hosts in order: preflight names the host of a missing rank
+  export MASTER_ADDR=${RMT_NODE_HOSTS%%,*}
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export WORLD_SIZE=$SLURM_NTASKS
 
@@ -150,37 +193,24 @@ rmt_slurm_main() {
   rmt_log "NCCL: $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"
   rmt_log "train: $PYTHON -m pipeline train ${RMT_TRAIN_ARGS[*]}"
 
-  if [ "$RMT_EARLY_SIGNAL" = 1 ]; then
-    rmt_requeue_or_stop "SIGUSR1 before training started"
-    return $?
-  fi
-
   cd "$RMT_ROOT" || rmt_fail "cannot cd to $RMT_ROOT"
   rmt_log_batch_plan "$WORLD_SIZE"
-  local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
-  # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
-  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  # shellcheck disable=SC2086,SC2016  # SRUN_ARGS is a list of options; $SLURM_* expand in each task
-  srun "${srun_opts[@]}" ${SRUN_ARGS:-} \
-    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rmt-task \
-    "$PYTHON" -m pipeline train "${RMT_TRAIN_ARGS[@]}" &
-  RMT_SRUN_PID=$!
-  # A trap runs only while the shell waits; `wait` then returns early, so wait until srun is gone.
-  local rc
-  while :; do
-    wait "$RMT_SRUN_PID"; rc=$?
-    kill -0 "$RMT_SRUN_PID" 2>/dev/null || break
-  done
-  RMT_SRUN_PID=
-
-  local status=$rc
-  case "$rc" in
-    0) rmt_log "training finished (exit 0); final checkpoint: $(rmt_resume_point)" ;;
-    "$RMT_EXIT_REQUEUE") rmt_requeue_or_stop "training stopped after saving a checkpoint (exit 75)"
-       status=$? ;;
-    *) rmt_log "training FAILED with exit code $rc; NOT requeued (a real error would fail again)."
-       rmt_log "Fix the cause, then submit the same command again (resume point: $(rmt_resume_point))" ;;
-  esac
+  local status
+  # A preflight that fails (a rank cannot reach the others) ends the job at once with exit 1, not requeued.
+  # srun's own code is the highest of its tasks': 1 from the rank that failed, or 143 (SIGTERM) when srun
+  # had to end ranks still waiting (--kill-on-bad-exit), which is the usual case with several ranks.
+  # A USR1 already received skips preflight: requeue at once.
+  if [ "$RMT_EARLY_SIGNAL" = 0 ] && ! rmt_srun preflight 1 "$PYTHON" -m pipeline preflight \
+      --device "$DEVICE" --timeout-s "${PREFLIGHT_TIMEOUT:-60}"; then
+    rmt_log "preflight FAILED (srun exit $RMT_SRUN_RC); NOT training, NOT requeued (job exit 1):" \
+      "the lines above name the host."
+    status=1
+  elif [ "$RMT_EARLY_SIGNAL" = 1 ]; then
+    rmt_requeue_or_stop "SIGUSR1 before training started"; status=$?
+  else
+    rmt_srun train 0 "$PYTHON" -m pipeline train "${RMT_TRAIN_ARGS[@]}"
+    rmt_training_outcome "$RMT_SRUN_RC"; status=$?
+  fi
   exec >&- 2>&-
   wait "$tee_pid" 2>/dev/null
   return "$status"

@@ -23,6 +23,8 @@
 ##SBATCH --account=my_project
 ##SBATCH --constraint=h100
 
+# First: a USR1 (preemption warning) before common.sh's trap is in must not kill this shell.
+trap 'RMT_EARLY_SIGNAL=1' USR1
 # sbatch runs a copy of this file; the original's path (hence the repository) comes from scontrol;
 # scontrol shows it as Command=<path> <args...>.
 RMT_SCRIPT=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=//p')

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                           "check a run's checkpoints (sizes, sha256) without loading them"),
     "schedule": ("pipeline.train.show_schedule",
                  "a recipe's batch plan and LR per epoch (JSON lines) at a given world size"),
+    "preflight": ("pipeline.train.preflight", "per-rank host, matmul speed, all_reduce speed, slow hosts"),
     "report": ("pipeline.report", "PNG plots and a markdown summary of a run dir's metrics.jsonl"),
     "run-dir": ("pipeline.train.run_dir", "print one path of a run dir's layout (the launchers ask it)"),
     "demo": ("pipeline.demo", "fake ImageNet -> shards -> train, interrupt, resume, eval, export, report"),

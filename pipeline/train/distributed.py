@@ -8,8 +8,11 @@ process.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +84,6 @@ def detect(env: dict | None = None) -> DistEnv:
 
 def _free_port() -> int:
     """A single process needs no agreed port: take a free one, so two runs on one machine never clash."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -119,3 +120,48 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
                 f"MASTER_PORT={dist_env.master_port} on {dist_env.master_addr} is already in use (another "
                 f"run on this machine?): set MASTER_PORT to a free port") from None
         raise
+
+
+class Heartbeats:
+    """Each rank's last sign of life in rank 0's TCP store, so a rank stuck in a collective can name the
+    peers that went silent (a cut link leaves them alive but unheard), or say that it cannot reach rank 0.
+
+    Uses its own client connection (MASTER_ADDR:MASTER_PORT, set by `init`) with a short timeout, from
+    the watchdog's thread. Ages compare wall clocks across hosts (NTP keeps them within milliseconds).
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float):
+        from torch.distributed import TCPStore
+
+        self.rank, self.world_size = rank, world_size
+        self.host = socket.gethostname()
+        self.master = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        self.store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self.unreachable_since: float | None = None
+        self.beat()
+
+    def beat(self) -> None:
+        try:
+            self.store.set(f"rmt/alive/{self.rank}", f"{self.host} {time.time():.3f}")
+            self.unreachable_since = None
+        except RuntimeError:  # DistStoreError: rank 0's store did not answer within the timeout
+            self.unreachable_since = self.unreachable_since or time.time()
+
+    def silent(self, older_than_s: float) -> str:
+        """Which ranks (and hosts) have not been heard from for `older_than_s`, as a clause for a message."""
+        now = time.time()
+        if self.unreachable_since is not None:
+            return (f"this host ({self.host}) has not reached rank 0's store at {self.master} for "
+                    f"{now - self.unreachable_since:.0f} s: it is cut off, or rank 0's host is lost")
+        silent = []
+        try:
+            for r in range(self.world_size):
+                host, stamp = self.store.get(f"rmt/alive/{r}").decode().split()
+                if now - float(stamp) > older_than_s:
+                    silent.append(f"rank {r} on {host} (silent {now - float(stamp):.0f} s)")
+        except RuntimeError as e:
+            return f"rank 0's store at {self.master} does not answer ({str(e).splitlines()[0][:100]})"
+        if not silent:
+            return "every rank's heartbeat is fresh (a rank is stuck, not lost)"
+        return "lost peer(s): " + ", ".join(silent)

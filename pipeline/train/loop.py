@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from pipeline.errors import EXIT_FINISHED, EXIT_REQUEUE, PipelineError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import distributed
 from pipeline.train.build import peak_lr
 from pipeline.train.config import Config, ConfigError
 from pipeline.train.engines import Engine
@@ -74,9 +75,12 @@ class Watchdog:
     see a dead peer and exit too, and the launcher can restart the job from the last checkpoint.
     """
 
-    def __init__(self, timeout_s: float, rank: int):
+    def __init__(self, timeout_s: float, rank: int, world_size: int = 1):
         self.timeout_s = timeout_s
         self.rank = rank
+        self.period_s = min(5.0, timeout_s / 5)
+        # with peers: a heartbeat every period, so a hung phase can name the ranks that went silent
+        self.heartbeats = distributed.Heartbeats(rank, world_size, self.period_s) if world_size > 1 else None
         self.state: tuple[str, float] | None = None
         threading.Thread(target=self._watch, daemon=True, name="collective-watchdog").start()
 
@@ -85,12 +89,16 @@ class Watchdog:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(min(5.0, self.timeout_s / 5))
+            time.sleep(self.period_s)
+            if self.heartbeats is not None:
+                self.heartbeats.beat()
             state = self.state
             if state is not None and time.monotonic() - state[1] > self.timeout_s:
+                peers = "another rank is stuck or dead" if self.heartbeats is None else \
+                    self.heartbeats.silent(3 * self.period_s)
                 print(f"error: {state[0]} did not finish on rank {self.rank} within "
-                      f"train.collective_timeout_s={self.timeout_s:g}s: a collective is hung (another rank "
-                      f"is stuck or dead); restart from the last checkpoint", file=sys.stderr, flush=True)
+                      f"train.collective_timeout_s={self.timeout_s:g}s: a collective is hung ({peers}); "
+                      f"restart from the last checkpoint", file=sys.stderr, flush=True)
                 os._exit(1)
 
 
@@ -199,7 +207,7 @@ class Trainer:
                               f"or raise train.max_batch_per_device")
         self.trace = SampleTrace(output_dir, self.rank) if cfg.data.trace else None
         self.best = BestSoFar()
-        self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank)
+        self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank, self.world)
         self.window = Window(device)
         self.step = 0  # optimizer steps done
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
