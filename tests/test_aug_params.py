@@ -41,3 +41,34 @@ def test_color_jitter_is_refused_on_the_device_path_and_auto_picks_cpu_for_it():
     assert DataConfig().decode_on("cpu") == "cpu" and DataConfig(decode="device").decode_on("cpu") == "device"
     with pytest.raises(DataError, match="data.decode='gpu': must be one of auto, cpu, device"):
         DataConfig(decode="gpu").validate()
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_random_interpolation_is_drawn_per_sample_from_its_key(tiny_shards, decode):
+    """data.interpolation=random: each entry's mode comes from its crop key (the same on every call, so
+    resume stays exact), and its image is the bilinear or the bicubic run's image of that entry."""
+    import torch
+
+    from pipeline.data.load.loader import TrainLoader
+
+    def epoch(mode):
+        cfg = DataConfig(root=str(tiny_shards), batch_size=16, workers=0, img_size=32, mixup=0.0, cutmix=0.0,
+                         interpolation=mode, decode=decode).validate()
+        loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
+        return [(x, loader.last_samples) for x, _ in loader]
+
+    params = ParamSource(DataConfig(interpolation="random"))
+    idx = np.arange(64)
+    def modes(source):
+        return source.draw(0, idx, idx * 0, [100] * 64, [120] * 64).modes
+
+    assert modes(params) == modes(params) and set(modes(params)) == {"bilinear", "bicubic"}
+    assert modes(ParamSource(DataConfig())) == ()
+    runs = {mode: epoch(mode) for mode in ("random", "bilinear", "bicubic")}
+    seen = set()
+    for (x, (i, r)), (xl, _), (xc, _) in zip(*runs.values(), strict=True):
+        drawn = params.draw(0, i, r, [1] * len(i), [1] * len(i)).modes  # the mode does not use the size
+        for j, mode in enumerate(drawn):
+            assert torch.equal(x[j], (xl if mode == "bilinear" else xc)[j]), (j, mode)
+            seen.add(mode)
+    assert seen == {"bilinear", "bicubic"}

@@ -45,6 +45,18 @@ def test_recipes_carry_the_paper_hyperparameters(name):
     assert peak_lr(cfg) == pytest.approx(2e-3)  # every train_lr of the official logs peaks there
 
 
+@pytest.mark.parametrize("name", ["rmt_s_tl", "rmt_b_tl", "rmt_l_tl"])
+def test_starred_recipes_load_with_the_token_labeling_changes(name):
+    """As the plain recipe but Mixup/CutMix and repeats off, random train interpolation, eval crop_pct
+    0.96, 310 epochs, the token-labeling loss (issue 13; the official logs run 310 epochs)."""
+    cfg, plain = load_config(CONFIGS / f"{name}.yaml"), load_config(CONFIGS / f"{name[:-3]}.yaml")
+    d = cfg.data
+    assert (cfg.model.name, cfg.train.loss, cfg.train.epochs) == (name, "token_label", 310)
+    assert (d.mixup, d.cutmix, d.repeated_aug, d.interpolation, d.crop_pct) == (0.0, 0.0, 1, "random", 0.96)
+    assert (d.rand_augment, d.reprob, d.smoothing) == (plain.data.rand_augment, plain.data.reprob, 0.1)
+    assert (cfg.optim, cfg.ema, cfg.train.global_batch) == (plain.optim, plain.ema, plain.train.global_batch)
+
+
 def test_demo_config_loads():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.model.name == "rmt_t" and cfg.data.img_size <= 64 and cfg.train.device == "cpu"

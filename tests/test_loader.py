@@ -174,7 +174,7 @@ def test_member_index_matches_tarfile_and_is_cached(root, tmp_path):
     manifest = json.load(open(os.path.join(root, "manifest.json")))
     entry = manifest["splits"]["train"]["wds"]["shards"][0]
     path = os.path.join(root, "wds", entry["name"])
-    offsets, sizes, labels, _ = scan_shard(path, entry["name"], entry["num_samples"])
+    offsets, sizes, labels, *_ = scan_shard(path, entry["name"], entry["num_samples"])
     with tarfile.open(path) as tf:
         images = [m for m in tf.getmembers() if not m.name.endswith(".cls")]
         want = [int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")]

@@ -23,12 +23,14 @@ CLASSES = 4
 PAGE = 1 << 21  # FFCV's smallest page: small test files
 
 
-@pytest.mark.parametrize("mode", ["jpg", "raw"])
-def test_beton_bytes_equal_ffcv_dataset_writer(tmp_path, mode):
-    """Several pages' worth of samples, written by FFCV's DatasetWriter (1 worker) and by BetonWriter."""
+@pytest.mark.parametrize("mode,maps", [("jpg", False), ("raw", False), ("jpg", True)])
+def test_beton_bytes_equal_ffcv_dataset_writer(tmp_path, mode, maps):
+    """Several pages' worth of samples, written by FFCV's DatasetWriter (1 worker) and by BetonWriter;
+    with `maps`, each sample also has a label-map field (FFCV BytesField, variable sizes)."""
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(int(rng.integers(100, 300)), int(rng.integers(100, 300)), 3),
                            dtype=np.uint8) for _ in range(40)]
+    blobs = [rng.integers(0, 256, size=int(rng.integers(100, 40_000)), dtype=np.uint8) for _ in images]
     settings = {**shard_ffcv.FFCV_DEFAULTS, "write_mode": mode, "max_resolution": 256, "page_size": PAGE}
 
     class Samples:
@@ -36,15 +38,15 @@ def test_beton_bytes_equal_ffcv_dataset_writer(tmp_path, mode):
             return len(images)
 
         def __getitem__(self, i):
-            return images[i], i % 7
+            return (images[i], i % 7, blobs[i]) if maps else (images[i], i % 7)
 
     ours, theirs = tmp_path / "ours.beton", tmp_path / "theirs.beton"
-    DatasetWriter(str(theirs), shard_ffcv.fields(settings), page_size=PAGE, num_workers=1) \
+    DatasetWriter(str(theirs), shard_ffcv.fields(settings, maps), page_size=PAGE, num_workers=1) \
         .from_indexed_dataset(Samples())
-    writer = shard_ffcv.BetonWriter(str(ours), settings, capacity=len(images))
+    writer = shard_ffcv.BetonWriter(str(ours), settings, capacity=len(images), label_maps=maps)
     field = shard_ffcv.fields(settings)["image"]
     for i, image in enumerate(images):
-        writer.add(shard_ffcv.encode_image(field, image, seed=i), i % 7)
+        writer.add(shard_ffcv.encode_image(field, image, seed=i), i % 7, blobs[i].tobytes() if maps else None)
     writer.close()
     assert ours.stat().st_size > 2 * PAGE  # more than one page was filled
     assert ours.read_bytes() == theirs.read_bytes()

@@ -1,4 +1,5 @@
-"""`shards --labels`: each train image's label map stored with it (wds), recorded, verified; errors named."""
+"""`shards --labels`: each train image's label map stored with it (wds member, .beton field), recorded,
+verified; errors named."""
 
 import json
 import tarfile
@@ -116,8 +117,56 @@ def test_a_damaged_map_in_the_shards_is_named_by_verify(fk, tmp_path):
     assert any(f"label map of {key} in the shards is not a map" in line for line in lines), lines
 
 
+def beton_maps(out: Path, split: str) -> list[bytes] | None:
+    """The `tlm` field of every sample of a split's .beton (index order), or None without the field."""
+    from ffcv.reader import Reader
+
+    path = out / "ffcv" / f"{split}.beton"
+    r = Reader(str(path))
+    if label_maps.MEMBER not in r.handlers:
+        return None
+    data = path.read_bytes()
+    field = r.metadata[r.metadata.dtype.names[2]]
+    return [data[int(p): int(p) + int(n)] for p, n in zip(field["ptr"], field["size"], strict=True)]
+
+
+def wds_in_order(out: Path, split: str) -> list[dict[str, bytes]]:
+    """The members of every sample of a split's wds shards, in sample-index order."""
+    got = members(out, split)  # dicts keep insertion order: shard by shard, file order within
+    shard_list = json.loads((out / "manifest.json").read_text())["splits"][split]["wds"]["shards"]
+    assert [s["first_index"] for s in shard_list] == sorted(s["first_index"] for s in shard_list)
+    return list(got.values())
+
+
+def test_ffcv_stores_the_same_maps_at_the_same_indices_verified_and_resumable(fk, tmp_path):
+    maps = write_maps(tmp_path / "maps", fk.samples["train"])
+    out = tmp_path / "a"
+    write(fk, out, labels=str(maps), formats=("wds", "ffcv"))
+    assert beton_maps(out, "train") == [m["tlm"] for m in wds_in_order(out, "train")]
+    assert beton_maps(out, "val") is None
+    shard_verify.verify(out, workers=2, log=lambda *_: None)
+    # deterministic and resumable as without maps: a re-run keeps the .beton, other workers give its bytes
+    lines = []
+    write(fk, out, labels=str(maps), formats=("wds", "ffcv"), log=lines.append)
+    assert "complete, 0 images to process" in lines[0]
+    write(fk, tmp_path / "b", labels=str(maps), formats=("ffcv",), workers=1)
+    path = out / "ffcv" / "train.beton"
+    assert (tmp_path / "b" / "ffcv" / "train.beton").read_bytes() == path.read_bytes()
+    # a damaged map inside the .beton is named by its sample index
+    data = bytearray(path.read_bytes())
+    third = beton_maps(out, "train")[3]
+    ptr = data.index(third)
+    data[ptr: ptr + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["ffcv"]["sha256"] = shards.sha256_file(path)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    lines = []
+    with pytest.raises(DataError, match="1 problems"):
+        shard_verify.verify(out, workers=2, log=lines.append)
+    assert any("label map of sample index 3 in the shards is not a map" in line for line in lines), lines
+
+
 def test_bad_labels_settings_are_one_line_errors(fk, tmp_path):
     with pytest.raises(DataError, match="LABELS=.*nowhere is not a folder"):
         write(fk, tmp_path / "out", labels=str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="label maps in the .beton are not written yet; use FORMATS=wds"):
-        write(fk, tmp_path / "out", labels=str(tmp_path), formats=("wds", "ffcv"))

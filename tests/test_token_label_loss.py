@@ -75,3 +75,67 @@ def test_mismatched_targets_and_weights_are_refused():
         TokenLabelCrossEntropy()(out, torch.zeros(2, 3), torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match="not both 0"):
         TokenLabelCrossEntropy(0.0, 0.0)
+
+
+def _tl_config(root, loss="token_label", **model):
+    from pipeline.train.config import config_from_dict
+
+    return config_from_dict({"data": {"root": str(root), "mixup": 0.0, "cutmix": 0.0},
+                             "train": {"loss": loss},
+                             "model": {"name": "rmt_s_tl", "num_classes": 5, **model}})
+
+
+def _manifest(root, with_maps: bool):
+    import json
+
+    train = {"label_maps": {"member": "tlm", "encoding": "TLM1"}} if with_maps else {}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {"train": train}}))
+    return root
+
+
+def test_the_token_label_loss_builds_targets_from_the_batch_on_the_token_grid(tmp_path):
+    """`train.loss=token_label`: batch[2] (the loader's LabelTargets) -> label_maps.targets on the model's
+    final-stage grid (here 2 x 3 for a 64 x 96 input) -> TokenLabelCrossEntropy."""
+    from pipeline.data import label_maps
+    from pipeline.data.load.label_targets import LabelTargets
+    from pipeline.train.losses import build_loss
+
+    loss = build_loss(_tl_config(_manifest(tmp_path / "shards", True)))
+    g = torch.Generator().manual_seed(1)
+    b, c, k = 2, 5, 3
+    scores = torch.randn(b, k, 6, 8, generator=g).half()
+    indices = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * 48)]).reshape(b, 6, 8, k)
+    theta = torch.from_numpy(label_maps.sample_affine((0, 0, 60, 80), True, [("ShearX", 0.2)], (60, 80),
+                                                      (64, 96), (6, 8))).expand(b, 2, 3, 3)
+    targets = LabelTargets(scores, indices.permute(0, 3, 1, 2), theta)
+    out = TokenLabelOutput(torch.randn(b, c, generator=g), torch.randn(b, 6, c, generator=g), (0, 1, 1, 3))
+    got = loss(out, (torch.zeros(b, 3, 64, 96), torch.zeros(b, dtype=torch.long), targets))
+    t_cls, t_dense = label_maps.targets(*targets, (2, 3), c, 0.1)
+    assert got.item() == pytest.approx(TokenLabelCrossEntropy()(out, t_cls, t_dense).item(), rel=1e-6)
+    # the wrong grid (3 x 2) gives other targets: the grid is read off the input and the aux logits
+    wrong = TokenLabelCrossEntropy()(out, *label_maps.targets(*targets, (3, 2), c, 0.1))
+    assert abs(wrong.item() - got.item()) > 1e-4
+
+
+def test_token_label_needs_a_token_label_model_and_shards_with_maps(tmp_path):
+    from pipeline.train.config import ConfigError, config_from_dict
+    from pipeline.train.losses import build_loss
+
+    with_maps, without = _manifest(tmp_path / "a", True), _manifest(tmp_path / "b", False)
+    with pytest.raises(ConfigError, match="'train.loss': token_label needs a token-labeling model, but "
+                                          "model.name='rmt_s' .* use rmt_s_tl"):
+        build_loss(_tl_config(with_maps, name="rmt_s"))
+    with pytest.raises(ConfigError, match=r"needs label maps in the shards, but data.root=.*b' has none: "
+                                          r"rebuild them with make shards LABELS="):
+        build_loss(_tl_config(without))
+    with pytest.raises(ConfigError, match="has no manifest.json"):
+        build_loss(_tl_config(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="'rmt_s_tl' is a token-labeling model and trains with "
+                                          "train.loss=token_label, not 'cross_entropy'"):
+        build_loss(_tl_config(with_maps, loss="cross_entropy"))
+    with pytest.raises(ConfigError, match="'data.mixup' / 'data.cutmix' are 0.8 / 0.0, but .* set both to 0"):
+        build_loss(config_from_dict({"data": {"root": str(with_maps), "cutmix": 0.0},
+                                     "train": {"loss": "token_label"}, "model": {"name": "rmt_s_tl"}}))
+    # a tiny token-labeling RMT-T through model.kwargs counts as one
+    assert build_loss(_tl_config(with_maps, name="rmt_t", kwargs={"token_label": True})) is not None

@@ -10,7 +10,7 @@ A writer module (`pipeline.data.convert.tar`, `.beton`) provides: `NAME` (its fo
 bytes, sha256)` and `abort()`), `section(outputs, records)` (its manifest section), and optionally
 `preload()` (imports the forked workers should inherit). `pipeline.data.convert.shards` drives them.
 
-A loader module provides `train_batches(cfg, section, augment) -> (blocks, batches)` and
+A loader module provides `train_batches(cfg, section, augment, label_maps) -> (blocks, batches)` and
 `val_batches(cfg, section)` (`section`: the format's part of the split's manifest section; `blocks`:
 the sample-index blocks the epoch shuffle keeps together, or None); see `pipeline.data.load.loader`.
 """

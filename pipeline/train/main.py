@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
         # the loader's batch is the plan's micro-batch (data.batch_size is not a config key)
         data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
-        train_loader = build_train_loader(data_cfg, env.rank, env.world_size, device)
+        train_loader = build_train_loader(data_cfg, env.rank, env.world_size, device,
+                                          label_maps=getattr(loss, "uses_label_maps", False))
         val_loader = build_val_loader(data_cfg, env.rank, env.world_size, device)
         if train_loader.num_classes != cfg.model.num_classes:
             raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the shards in "

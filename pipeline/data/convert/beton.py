@@ -1,6 +1,8 @@
 """FFCV .beton writing: per-sample encoding in any process, page layout in one sequential writer.
 
-Also the `ffcv` format's writer side for `pipeline.data.formats`: one .beton per split.
+Also the `ffcv` format's writer side for `pipeline.data.formats`: one .beton per split. A split
+written with LABELS gets a third field, `tlm` (FFCV `BytesField`): each sample's encoded label map
+(`pipeline.data.label_maps`), the same bytes as the WebDataset member.
 
 FFCV's own `DatasetWriter` cannot give byte-identical files: with several workers the pages are
 claimed in race order and the allocation table is concatenated in the order workers finish, and
@@ -32,6 +34,7 @@ import numpy as np
 
 from pipeline.data.convert.outputs import Output, fsync_dir, plan_hash, sha256_file
 from pipeline.data.errors import DataError
+from pipeline.data.label_maps import MEMBER as MAP_FIELD
 
 NAME = "ffcv"  # the folder under OUT
 STALE_GLOB = "*.beton"
@@ -41,14 +44,14 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 # FFCV (numba, OpenCV) takes seconds to import: it is imported only where a .beton is written.
 
 
-def fields(settings: dict) -> dict:
-    """The contract's FFCV fields, in order: `image` then `label`."""
-    from ffcv.fields import IntField, RGBImageField
+def fields(settings: dict, label_maps: bool = False) -> dict:
+    """The contract's FFCV fields, in order: `image`, `label` (and `tlm`, the label maps, with LABELS)."""
+    from ffcv.fields import BytesField, IntField, RGBImageField
 
     image = RGBImageField(write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
                           jpeg_quality=settings["jpeg_quality"],
                           compress_probability=settings["compress_probability"])
-    return {"image": image, "label": IntField()}
+    return {"image": image, "label": IntField(), **({MAP_FIELD: BytesField()} if label_maps else {})}
 
 
 def encode_image(field, rgb: np.ndarray, seed: int) -> tuple[int, int, int, bytes]:
@@ -75,15 +78,17 @@ def sample_seed(seed: int, key: str) -> int:
 class BetonWriter:
     """Writes a .beton sequentially: `add()` each sample in index order, then `close()`.
 
-    `capacity` is an upper bound on the number of samples (room reserved for their metadata)."""
+    `capacity` is an upper bound on the number of samples (room reserved for their metadata); with
+    `label_maps` every sample also carries its encoded label map (field `tlm`)."""
 
-    def __init__(self, path: str, settings: dict, capacity: int):
+    def __init__(self, path: str, settings: dict, capacity: int, label_maps: bool = False):
         from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType, get_metadata_type
         from ffcv.utils import align_to_page
 
         type_id = {cls: i for i, cls in TYPE_ID_HANDLER.items()}
         self.path = path
-        self.fields = fields(settings)
+        self.fields = fields(settings, label_maps)
+        self.label_maps = label_maps
         self.page_size = int(settings["page_size"])
         self.metadata_type = get_metadata_type(list(self.fields.values()))
         self.metadata = np.zeros(capacity, dtype=self.metadata_type)
@@ -103,27 +108,36 @@ class BetonWriter:
         self.allocations: list[tuple[int, int, int]] = []
         self.count = 0
 
-    def add(self, image: tuple[int, int, int, bytes], label: int) -> None:
+    def add(self, image: tuple[int, int, int, bytes], label: int, label_map: bytes | None = None) -> None:
+        """One sample; `label_map` exactly when the writer was opened with `label_maps`."""
+        if (label_map is not None) != self.label_maps:
+            raise ValueError(f"label_map given: {label_map is not None}, but label_maps={self.label_maps}")
         mode, width, height, payload = image
+        meta = self.metadata[self.count]
+        image_meta = meta[self.metadata_type.names[0]]
+        image_meta["mode"], image_meta["width"], image_meta["height"] = mode, width, height
+        image_meta["data_ptr"] = self._place(payload, "an image", "lower --ffcv-max-resolution or raise")
+        meta[self.metadata_type.names[1]] = label
+        if label_map is not None:  # FFCV's DatasetWriter encodes fields in order: the map after the image
+            map_meta = meta[self.metadata_type.names[2]]
+            map_meta["ptr"] = self._place(label_map, "a label map", "raise")
+            map_meta["size"] = len(label_map)
+        self.count += 1
+
+    def _place(self, payload: bytes, what: str, fix: str) -> int:
+        """Put `payload` on the current page (or a new one), as FFCV's allocator does; its pointer."""
         size = len(payload)
         if size > self.page_size:
-            raise DataError(
-                f"an image needs {size} bytes, more than the FFCV page size {self.page_size}: "
-                "lower --ffcv-max-resolution or raise --ffcv-page-size"
-            )
+            raise DataError(f"{what} needs {size} bytes, more than the FFCV page size {self.page_size}: "
+                            f"{fix} --ffcv-page-size")
         if self.page_used < 0 or size > self.page_size - self.page_used:
             self._flush_page()
             self.page_used = 0
         ptr = self.data_start + (self.pages - 1) * self.page_size + self.page_used
         self.page[self.page_used : self.page_used + size] = payload
         self.page_used += size
-        meta = self.metadata[self.count]
-        image_meta = meta[self.metadata_type.names[0]]
-        image_meta["mode"], image_meta["width"], image_meta["height"], image_meta["data_ptr"] = (
-            mode, width, height, ptr)
-        meta[self.metadata_type.names[1]] = label
         self.allocations.append((self.count, ptr, size))
-        self.count += 1
+        return ptr
 
     def _flush_page(self) -> None:
         if self.page_used >= 0:
@@ -161,9 +175,9 @@ class BetonWriter:
         os.unlink(self.path)
 
     # the format-writer protocol (pipeline.data.formats); `path` ends in ".tmp"
-    def put(self, key: str, label: int, payload: tuple[int, int, int, bytes], label_map: None) -> None:
-        """`label_map` is always None: `check` refuses LABELS until the .beton has a field for it."""
-        self.add(payload, label)
+    def put(self, key: str, label: int, payload: tuple[int, int, int, bytes],
+            label_map: bytes | None) -> None:
+        self.add(payload, label, label_map)
 
     def finish(self) -> tuple[int, int, str]:
         """Close, rename to the final name; (samples, bytes, sha256)."""
@@ -178,8 +192,6 @@ class BetonWriter:
 
 def check(opts: dict) -> None:
     """One-line errors for bad --ffcv-* settings."""
-    if opts["labels"]:
-        raise DataError("LABELS: label maps in the .beton are not written yet; use FORMATS=wds with LABELS")
     settings = opts["ffcv"]
     if settings["write_mode"] not in WRITE_MODES:
         raise DataError(f"--ffcv-write-mode {settings['write_mode']}: choose one of {', '.join(WRITE_MODES)}")
@@ -199,7 +211,10 @@ def preload() -> None:
 
 def plan(split: str, order: list, opts: dict) -> list[Output]:
     """One .beton holding the whole split."""
-    return [Output(f"{split}.beton", 0, len(order), plan_hash(order, {"seed": opts["seed"], **opts["ffcv"]}))]
+    settings = {"seed": opts["seed"], **opts["ffcv"]}
+    if split in opts["labels"]:  # only then: plans (and resume records) without maps stay as they were
+        settings["labels"] = opts["labels"][split]
+    return [Output(f"{split}.beton", 0, len(order), plan_hash(order, settings))]
 
 
 def needs_pixels(opts: dict) -> bool:
@@ -220,7 +235,9 @@ def encode(data: bytes, im, key: str, opts: dict) -> tuple[tuple[int, int, int, 
 
 
 def open_output(out: Path, output: Output, opts: dict) -> BetonWriter:
-    return BetonWriter(str(out / NAME / f"{output.name}.tmp"), opts["ffcv"], capacity=output.hi - output.lo)
+    split = output.name[: -len(".beton")]
+    return BetonWriter(str(out / NAME / f"{output.name}.tmp"), opts["ffcv"], capacity=output.hi - output.lo,
+                       label_maps=split in opts["labels"])
 
 
 def section(outputs: list[Output], records: dict[str, dict]) -> dict:

@@ -5,6 +5,7 @@ Output (docs: README "Shards"; format fixed by the data contract):
     OUT/manifest.json   classes, options, source, per split: samples, rejected files, shards, checksums
     OUT/wds/<split>-NNNNNN.tar     <key>.jpg (or .png) + <key>.cls, in one seeded global permutation
     OUT/ffcv/<split>.beton         the same samples in the same order (index i = i-th wds sample)
+    (with LABELS: each train sample's label map too, wds member <key>.tlm, .beton field `tlm`)
     OUT/.state/<file>.json         resume records: one per finished output file
 
 Every input file is decoded in a worker (PIL `verify()` then `load()`); files that fail are
@@ -362,7 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FFCV page size in bytes, a power of two (default: %(default)s)")
     parser.add_argument("--labels", default=None,
                         help="TokenLabeling label-map folder (<wnid>/<key>.pt): store each train image's map "
-                             "(WebDataset member .tlm); a missing or bad map is rejected like a bad image")
+                             "(WebDataset member .tlm, .beton field tlm); a missing or bad map is rejected "
+                             "like a bad image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -5,7 +5,8 @@ unlisted shard files; sample counts and `first_index` add up; `files_found` = wr
 every WebDataset sample has one image and one `.cls` (and a `.tlm` label map that decodes, with
 class indices in range, where the split was written with LABELS), every key occurs exactly once; labels are
 in [0, len(classes)); every image decodes; the .beton has the contract's fields, and its labels
-equal the WebDataset labels sample by sample. Files are checked in parallel worker processes.
+equal the WebDataset labels sample by sample (with LABELS, its `tlm` field holds a map that decodes,
+class indices in range, for every sample). Files are checked in parallel worker processes.
 """
 
 from __future__ import annotations
@@ -83,16 +84,30 @@ def check_wds_shard(path: str, listed: dict, num_classes: int,
         labels.append(label)
         if (why := _decodes(members[images[0]])) is not None:
             problems.append(f"{path}: {key}.{images[0]} does not decode ({why})")
-        if with_maps:
-            try:
-                _, indices = label_maps.decode(members[label_maps.MEMBER], key)
-                if indices.max() >= num_classes:
-                    problems.append(f"{path}: {key}.{label_maps.MEMBER} has class indices >= {num_classes}")
-            except DataError as e:
-                problems.append(f"{path}: {e}")
+        if with_maps and (why := _map_problem(members[label_maps.MEMBER], key, num_classes)) is not None:
+            problems.append(f"{path}: {why}")
     if len(groups) != listed["num_samples"]:
         problems.append(f"{path}: {len(groups)} samples, manifest says {listed['num_samples']}")
     return problems, [key for key, _ in groups], labels
+
+
+def _map_problem(data: bytes, key: str, num_classes: int) -> str | None:
+    """Why an encoded label map (of sample `key`) is unusable, or None."""
+    try:
+        _, indices = label_maps.decode(data, key)
+    except DataError as e:
+        return str(e)
+    if indices.max() >= num_classes:
+        return f"label map of {key} has class indices >= {num_classes}"
+    return None
+
+
+def check_beton_maps(path: str, records: np.ndarray, num_classes: int) -> list[str]:
+    """Decode the label maps of a .beton whose (index, ptr, size) are `records`."""
+    with open(path, "rb") as f:
+        return [f"{path}: {why}" for index, ptr, size in records.tolist()
+                if (why := _map_problem(os.pread(f.fileno(), size, ptr), f"sample index {index}",
+                                        num_classes)) is not None]
 
 
 def check_beton_images(path: str, records: np.ndarray) -> list[str]:
@@ -116,12 +131,12 @@ def check_beton_images(path: str, records: np.ndarray) -> list[str]:
     return problems
 
 
-def _beton(path: Path, listed: dict, num_classes: int, pool, workers: int):
-    """(problems, labels, futures of image checks) of one .beton."""
+def _beton(path: Path, listed: dict, num_classes: int, pool, workers: int, with_maps: bool = False):
+    """(problems, labels, futures of image and map checks) of one .beton."""
     problems = _check_file(path, listed)
     if problems:
         return problems, None, []
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import BytesField, IntField, RGBImageField
     from ffcv.reader import Reader
 
     try:
@@ -129,25 +144,36 @@ def _beton(path: Path, listed: dict, num_classes: int, pool, workers: int):
     except Exception as e:
         return [f"{path}: FFCV cannot read it ({e})"], None, []
     kinds = {name: type(h) for name, h in reader.handlers.items()}
-    if list(kinds.items()) != [("image", RGBImageField), ("label", IntField)]:
-        return [f"{path}: fields {kinds}, expected image (RGBImageField) then label (IntField)"], None, []
+    expected = [("image", RGBImageField), ("label", IntField)] + with_maps * [(label_maps.MEMBER, BytesField)]
+    if list(kinds.items()) != expected:
+        want = ", ".join(f"{name} ({kind.__name__})" for name, kind in expected)
+        return [f"{path}: fields {kinds}, expected {want}"], None, []
     if reader.num_samples != listed["num_samples"]:
         problems.append(f"{path}: {reader.num_samples} samples, manifest says {listed['num_samples']}")
-    image, label = (reader.metadata[n] for n in reader.metadata.dtype.names)
+    image, label, *maps = (reader.metadata[n] for n in reader.metadata.dtype.names)
     labels = label.astype(np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         problems.append(f"{path}: {bad.size} labels outside [0, {num_classes}), first at index {bad[0]}")
-    table = reader.alloc_table
-    if len(table) != reader.num_samples or not np.array_equal(table["sample_id"], np.arange(len(table))):
-        return problems + [f"{path}: allocation table does not list each sample once"], labels, []
-    records = np.stack([np.arange(len(table)), image["mode"], image["width"], image["height"],
-                        table["ptr"], table["size"]], axis=1).astype(np.int64)
+    table, per = reader.alloc_table, len(expected) - 1  # allocations per sample: image (and map)
+    n = reader.num_samples
+    if len(table) != per * n or not np.array_equal(table["sample_id"], np.repeat(np.arange(n), per)):
+        return problems + [f"{path}: allocation table does not list each sample's data once"], labels, []
+    table = table.reshape(n, per)
+    records = np.stack([np.arange(n), image["mode"], image["width"], image["height"],
+                        table["ptr"][:, 0], table["size"][:, 0]], axis=1).astype(np.int64)
     if not np.array_equal(records[:, 4], image["data_ptr"]):
         problems.append(f"{path}: image pointers disagree with the allocation table")
     step = max(1, len(records) // (4 * workers) + 1)
     futures = [pool.submit(check_beton_images, str(path), records[i:i + step])
                for i in range(0, len(records), step)]
+    if with_maps:
+        if not (np.array_equal(maps[0]["ptr"], table["ptr"][:, 1])
+                and np.array_equal(maps[0]["size"], table["size"][:, 1])):
+            problems.append(f"{path}: label map pointers disagree with the allocation table")
+        map_records = np.stack([np.arange(n), maps[0]["ptr"], maps[0]["size"]], axis=1).astype(np.int64)
+        futures += [pool.submit(check_beton_maps, str(path), map_records[i:i + step], num_classes)
+                    for i in range(0, n, step)]
     return problems, labels, futures
 
 
@@ -191,7 +217,8 @@ def verify(out: str | os.PathLike, workers: int | None = None, log=print) -> dic
                 if s["ffcv"]["num_samples"] != s["num_samples"]:
                     problems.append(f"{split}: .beton holds {s['ffcv']['num_samples']} samples, "
                                     f"split says {s['num_samples']}")
-                beton = _beton(out / "ffcv" / s["ffcv"]["name"], s["ffcv"], len(classes), pool, workers)
+                beton = _beton(out / "ffcv" / s["ffcv"]["name"], s["ffcv"], len(classes), pool, workers,
+                               "label_maps" in s)
             pending.append((split, wds, beton))
         for split, wds, beton in pending:
             keys, labels = [], []

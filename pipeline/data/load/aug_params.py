@@ -21,7 +21,15 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.errors import DataError
-from pipeline.data.load.augment import RRC_LOG_RATIO, RRC_SCALE, TrainAugment, rrc_box, seeded_pil_rngs
+from pipeline.data.load.augment import (
+    PIL_INTERP,
+    RANDOM_MODES,
+    RRC_LOG_RATIO,
+    RRC_SCALE,
+    TrainAugment,
+    rrc_box,
+    seeded_pil_rngs,
+)
 from pipeline.data.load.config import DataConfig
 
 SKIP = -1  # op index of a RandAugment layer whose `prob` test failed (the layer does nothing)
@@ -39,6 +47,7 @@ class TrainParams:
     ops: np.ndarray  # (B, L) int64 index into `ParamSource.op_names`, or SKIP
     args: np.ndarray  # (B, L) float64 the op's argument (timm's level_fn output; 0 for no-argument ops)
     keys: np.ndarray  # (B,) uint64 the entries' PIL keys (seed color jitter on the CPU path)
+    modes: tuple[str, ...] = ()  # per entry "bilinear" | "bicubic" with data.interpolation=random, else ()
 
 
 class ParamSource:
@@ -48,6 +57,7 @@ class ParamSource:
         self.augment = TrainAugment(cfg)
         self.size = cfg.img_size
         self.hflip = cfg.hflip
+        self.random_mode = cfg.interpolation == "random"
         ra = self.augment.rand_augment
         self.rand_augment = ra
         self.fill = self.augment.fill
@@ -93,10 +103,13 @@ class ParamSource:
             with seeded_pil_rngs() as seed:
                 for j, key in enumerate(keys.tolist()):
                     ops[j], args[j] = self._rand_augment(key, seed)
-        return TrainParams(boxes, us[:, 22] < self.hflip, ops, args, keys)
+        modes = tuple(RANDOM_MODES[int(u >= 0.5)] for u in us[:, 23]) if self.random_mode else ()
+        return TrainParams(boxes, us[:, 22] < self.hflip, ops, args, keys, modes)
 
-    def apply_pil(self, img: Image.Image, flip: bool, ops, args) -> Image.Image:
-        """Flip + RandAugment of one crop with timm's PIL ops, from drawn parameters (no random draws)."""
+    def apply_pil(self, img: Image.Image, flip: bool, ops, args, mode: str | None = None) -> Image.Image:
+        """Flip + RandAugment of one crop with timm's PIL ops, from drawn parameters (no random draws);
+        `mode` overrides the geometric ops' interpolation (data.interpolation=random)."""
+        resample = {} if mode is None else {"resample": PIL_INTERP[mode]}
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         for i, arg in zip(ops, args, strict=True):
@@ -104,12 +117,13 @@ class ParamSource:
                 continue
             op = self.rand_augment.ops[i]
             level = () if op.level_fn is None else (int(arg) if op.name in _INT_ARG_OPS else float(arg),)
-            img = op.aug_fn(img, *level, **op.kwargs)
+            img = op.aug_fn(img, *level, **{**op.kwargs, **resample})
         return img
 
     def apply_cpu(self, img: Image.Image, p: TrainParams, j: int, seed) -> np.ndarray:
         """The CPU path's flip + RandAugment (or seeded color jitter) of entry j's crop, as HWC uint8;
         `seed` from `seeded_pil_rngs`."""
         if self.augment.color_jitter is None:
-            return np.asarray(self.apply_pil(img, p.flips[j], p.ops[j], p.args[j]), dtype=np.uint8)
+            mode = p.modes[j] if p.modes else None
+            return np.asarray(self.apply_pil(img, p.flips[j], p.ops[j], p.args[j], mode), dtype=np.uint8)
         return self.augment.pil_stage(img, 0.0 if p.flips[j] else 1.0, int(p.keys[j]), seed)

@@ -40,8 +40,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.08, 1.0)
 RRC_LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
-N_CROP_UNIFORMS = 23  # 10 attempts x (area, ratio), top, left, flip
-_PIL_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+N_CROP_UNIFORMS = 24  # 10 attempts x (area, ratio), top, left, flip, interpolation (when random)
+RANDOM_MODES = ("bilinear", "bicubic")  # timm's _RANDOM_INTERPOLATION, in its order
+PIL_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def crop_uniforms(keys: np.ndarray) -> np.ndarray:
@@ -130,8 +131,8 @@ class TrainAugment:
 
         self.cfg = cfg
         self.size = cfg.img_size
-        self.interp = _PIL_INTERP[cfg.interpolation]
-        self.mode = cfg.interpolation
+        self.mode = "bicubic" if cfg.interpolation == "random" else cfg.interpolation  # random: per sample
+        self.interp = PIL_INTERP[self.mode]
         self.rand_augment = None
         self.color_jitter = None
         self.fill = tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN)  # RandAugment's affine fill
@@ -156,8 +157,9 @@ class TrainAugment:
         width, height = img.size
         return self.decode_box(img, rrc_box(height, width, u, *RRC_SCALE, *RRC_LOG_RATIO))
 
-    def decode_box(self, img: Image.Image, box) -> Image.Image:
-        """Decode opened `img` (only at the resolution the crop needs), resize box (top, left, h, w)."""
+    def decode_box(self, img: Image.Image, box, mode: str | None = None) -> Image.Image:
+        """Decode opened `img` (only at the resolution the crop needs), resize box (top, left, h, w) with
+        `mode` (default: data.interpolation)."""
         width, height = img.size
         top, left, h, w = (int(v) for v in box)
         if img.format == "JPEG":
@@ -166,7 +168,7 @@ class TrainAugment:
                 img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
         sx, sy = img.size[0] / width, img.size[1] / height
         box = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
-        return Image.fromarray(resize(_rgb(img), box, (self.size, self.size), self.mode))
+        return Image.fromarray(resize(_rgb(img), box, (self.size, self.size), mode or self.mode))
 
     def pil_stage(self, img: Image.Image, flip_u: float, key: int, seed) -> np.ndarray:
         """Flip + RandAugment (or color jitter) of one crop; `seed` from `seeded_pil_rngs`."""
@@ -188,7 +190,7 @@ class ValAugment:
     def __init__(self, cfg: DataConfig):
         self.size = cfg.eval_img_size
         self.scale_size = math.floor(cfg.eval_img_size / cfg.crop_pct)
-        self.mode = cfg.interpolation
+        self.mode = "bicubic" if cfg.interpolation == "random" else cfg.interpolation
 
     def __call__(self, data: bytes) -> np.ndarray:
         img = open_image(data)

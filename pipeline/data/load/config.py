@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline.data.errors import DataError
 from pipeline.data.formats import FORMATS
 
-INTERPOLATIONS = ("bicubic", "bilinear")
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
 ERASE_MODES = ("pixel", "rand", "const")
 DECODES = ("auto", "cpu", "device")
 
@@ -33,6 +33,8 @@ class DataConfig:
     reprob: float = 0.25
     remode: str = "pixel"
     hflip: float = 0.5
+    # random: per train sample bilinear or bicubic (timm's / TokenLabeling's "random"), for the crop resize
+    # and RandAugment's geometric ops, drawn from the sample's key; validation then resizes bicubic
     interpolation: str = "bicubic"
     repeated_aug: int = 3  # each sample appears this many times per epoch with different crops; 1 = off
     mixup: float = 0.8

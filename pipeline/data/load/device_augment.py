@@ -74,10 +74,11 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int, mode: str = "bicubic"):
-    """(B, 3, size, size) uint8 of each image's (top, left, h, w) box."""
-    return torch.stack([_resize(x[:, t:t + h, l:l + w], (size, size), mode)
-                        for x, (t, l, h, w) in zip(images, boxes.tolist(), strict=True)])
+def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int, mode: str | list[str] = "bicubic"):
+    """(B, 3, size, size) uint8 of each image's (top, left, h, w) box; `mode`: one, or one per image."""
+    modes = [mode] * len(images) if isinstance(mode, str) else mode
+    return torch.stack([_resize(x[:, t:t + h, l:l + w], (size, size), m)
+                        for x, (t, l, h, w), m in zip(images, boxes.tolist(), modes, strict=True)])
 
 
 def val_resize_crop(images: list[torch.Tensor], size: int, crop_pct: float, mode: str = "bicubic"):

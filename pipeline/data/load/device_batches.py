@@ -123,19 +123,21 @@ class DeviceDecoder:
             out[j] = x
         return out, ok
 
-    def train(self, batch: EncodedBatch, labels):
-        """(uint8 (B, S, S, 3) on the device, labels, number of undecodable images replaced)."""
+    def train(self, batch: EncodedBatch, labels, maps=None):
+        """(uint8 (B, S, S, 3) on the device, labels, number of undecodable images replaced); the batch's
+        `LabelTargets` (`maps`) get the same replacements."""
         images, ok = self._decode(batch)
         p, size = batch.params, self.params.size
         x = torch.zeros(len(ok), 3, size, size, dtype=torch.uint8, device=self.device)
         good = np.flatnonzero(ok)
         if len(good):
             x[torch.as_tensor(good, device=self.device)] = crop_resize(
-                [images[j] for j in good], p.boxes[good], size, self.cfg.interpolation)
+                [images[j] for j in good], p.boxes[good], size,
+                [p.modes[j] for j in good] if p.modes else self.cfg.interpolation)
         x = torch.where(torch.as_tensor(p.flips, device=self.device).view(-1, 1, 1, 1), x.flip(-1), x)
         if self.params.rand_augment is not None:
             x = rand_augment(x, p.ops, p.args, self.params.op_names, self.params.fill)
-        x, labels, skipped = wds.fill_bad(x, torch.as_tensor(labels), ok)
+        x, labels, skipped = wds.fill_bad(x, torch.as_tensor(labels), ok, maps or ())
         return x.permute(0, 2, 3, 1), labels, skipped
 
     def val(self, batch: EncodedBatch, labels):
@@ -144,7 +146,8 @@ class DeviceDecoder:
         size = self.cfg.eval_img_size
         good = [images[j] for j in np.flatnonzero(ok)]
         if good:
-            x = val_resize_crop(good, size, self.cfg.crop_pct, self.cfg.interpolation)
+            mode = "bicubic" if self.cfg.interpolation == "random" else self.cfg.interpolation
+            x = val_resize_crop(good, size, self.cfg.crop_pct, mode)
         else:
             x = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=self.device)
         return x.permute(0, 2, 3, 1), torch.as_tensor(labels)[torch.as_tensor(ok)], int((~ok).sum())

@@ -21,6 +21,10 @@ cannot raise through FFCV's reader thread without hanging it) and reported here 
 With data.decode=device no FFCV `Loader` is built: `FfcvReader.read` takes a sample's stored JPEG
 bytes (or raw pixels) straight from the file through the metadata's data pointer and the allocation
 table's size, and the batch goes to the device as in wds (device_batches.py).
+
+A .beton written with LABELS has a `tlm` field (the label maps): FFCV's pipeline skips it; with
+`label_maps` each train batch also carries its `label_targets.LabelTargets`, the maps read straight
+from the file through the field's pointers, on either path.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data import label_maps
 from pipeline.data.errors import DataError
 from pipeline.data.load.augment import N_CROP_UNIFORMS, RRC_LOG_RATIO, RRC_SCALE, rrc_box, seeded_pil_rngs
+from pipeline.data.load.label_targets import batch_targets
 from pipeline.data.load.sampler import STREAM_CROP, combine, uniform
 from pipeline.data.load.wds import bad_sample, drop_bad, fill_bad
 
@@ -179,23 +185,38 @@ class FfcvReader:
             raise DataError(f"FFCV file {self.name}: an image's data is not in the allocation table; "
                             f"rebuild the shards")
         self.sizes = np.asarray(alloc["size"][order][at], np.int64)
+        self.map_ptrs = self.map_sizes = None
+        if label_maps.MEMBER in reader.field_names:
+            maps = reader.metadata[f"f{reader.field_names.index(label_maps.MEMBER)}"]
+            self.map_ptrs, self.map_sizes = (np.asarray(maps[k], np.int64) for k in ("ptr", "size"))
         self._mm = None
 
     def where(self, index: int) -> str:
         return f"FFCV file {self.name}, sample index {int(index)}"
 
-    def read(self, index: int):
-        """A sample's stored image without FFCV's decoder: JPEG bytes, or an HWC uint8 array (raw)."""
+    def _file(self):
         if self._mm is None:  # read-only map: shared safely by forked workers
             import mmap
 
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = int(self.ptrs[index])
+        return self._mm
+
+    def read(self, index: int):
+        """A sample's stored image without FFCV's decoder: JPEG bytes, or an HWC uint8 array (raw)."""
+        mm, start = self._file(), int(self.ptrs[index])
         if self.jpeg[index]:
-            return self._mm[start:start + int(self.sizes[index])]
+            return mm[start:start + int(self.sizes[index])]
         h, w = int(self.heights[index]), int(self.widths[index])
-        return np.frombuffer(self._mm, np.uint8, h * w * 3, start).reshape(h, w, 3)
+        return np.frombuffer(mm, np.uint8, h * w * 3, start).reshape(h, w, 3)
+
+    def read_map(self, index: int) -> bytes:
+        """A sample's encoded label map (the `tlm` field)."""
+        if self.map_ptrs is None:
+            raise DataError(f"FFCV file {self.name} has no {label_maps.MEMBER} field (label maps); rebuild "
+                            f"the shards with LABELS (make shards LABELS=<maps>)")
+        start = int(self.map_ptrs[index])
+        return self._file()[start:start + int(self.map_sizes[index])]
 
     def encoded(self, indices: np.ndarray, params=None):
         """`device_batches.EncodedBatch` of samples (data.decode=device)."""
@@ -223,7 +244,8 @@ class FfcvReader:
 
         loader = _keep_torch_threads(
             Loader, self.path, batch_size=batch_size, num_workers=1, os_cache=True,
-            order=OrderOption.SEQUENTIAL, pipelines={"image": [decoder], "label": None},
+            order=OrderOption.SEQUENTIAL,
+            pipelines={"image": [decoder], "label": None, label_maps.MEMBER: None},  # maps: read_map
             drop_last=False, batches_ahead=2)
         loader.traversal_order = SettableOrder(loader)
         # numba compiles FFCV's stages at their first call: do it here, before loader workers fork,
@@ -255,8 +277,9 @@ class FfcvTrainBatches:
     """Produces this rank's train batches from the .beton, same contract as WdsTrainBatches."""
 
     def __init__(self, beton: FfcvReader, augment, skip_bad: bool, batch_size: int, repeats: int, seed: int,
-                 device_decode: bool = False):
+                 device_decode: bool = False, label_maps: bool = False):
         self.beton = beton
+        self.label_maps = label_maps  # each batch also carries its LabelTargets
         self.augment = augment
         self.skip_bad = skip_bad
         self.repeats = repeats
@@ -273,7 +296,8 @@ class FfcvTrainBatches:
             for b in batch_ids:
                 indices = plan.indices[b]
                 p = self.draw(plan.epoch, indices, plan.repeats[b])
-                yield b, self.beton.encoded(indices, p), self.beton.labels[indices], 0
+                targets = self.targets(indices, p)
+                yield b, self.beton.encoded(indices, p), self.beton.labels[indices], 0, *self.maps(targets)
             return
         if not batch_ids:
             return
@@ -285,6 +309,7 @@ class FfcvTrainBatches:
         for b, crops in zip(batch_ids, _run(self.loader, codes), strict=True):
             indices = plan.indices[b]
             p = self.draw(plan.epoch, indices, plan.repeats[b])
+            targets = self.targets(indices, p)
             out = np.empty_like(crops)
             ok = np.ones(len(indices), bool)
             with seeded_pil_rngs() as seed:
@@ -294,7 +319,20 @@ class FfcvTrainBatches:
                                            self.skip_bad)
                         continue
                     out[j] = params.apply_cpu(Image.fromarray(crops[j]), p, j, seed)
-            yield (b, *fill_bad(out, self.beton.labels[indices], ok))
+            yield (b, *fill_bad(out, self.beton.labels[indices], ok, targets or ()), *self.maps(targets))
+
+    def targets(self, indices: np.ndarray, p):
+        """The batch's `LabelTargets` (None without `label_maps`), from the stored image sizes."""
+        if not self.label_maps:
+            return None
+        b, ids = self.beton, indices.tolist()
+        return batch_targets(p, self.augment.op_names, [(b.heights[i], b.widths[i]) for i in ids],
+                             [b.read_map(i) for i in ids], [b.where(i) for i in ids],
+                             (self.augment.size, self.augment.size))
+
+    def maps(self, targets) -> tuple:
+        """What follows (images, labels, skipped) in a train batch: (targets,) with label maps, else ()."""
+        return (targets,) if self.label_maps else ()
 
     def draw(self, epoch: int, indices: np.ndarray, repeats: np.ndarray):
         """`TrainParams` of entries; the boxes are those the FFCV decoder takes (stored image sizes)."""
@@ -335,11 +373,11 @@ class FfcvValBatches:
             yield (b, *drop_bad(images.copy(), self.beton.labels[indices], ok))
 
 
-def train_batches(cfg, section: dict, augment):
+def train_batches(cfg, section: dict, augment, label_maps: bool = False):
     """(None: no blocks, train batch maker) of the split's ffcv manifest section."""
     beton = FfcvReader(cfg.root, "train", section)
     return None, FfcvTrainBatches(beton, augment, cfg.skip_bad, cfg.batch_size, cfg.repeated_aug, cfg.seed,
-                                  cfg.decode == "device")
+                                  cfg.decode == "device", label_maps)
 
 
 def val_batches(cfg, section: dict):

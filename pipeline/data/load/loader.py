@@ -12,6 +12,9 @@ runs the device stage (normalise, RandomErasing, Mixup/CutMix) there. With `data
 process decodes and augments on the device first (device_batches.py); batches then look the same.
 Nothing here imports DeepSpeed or needs torch.distributed: rank and world size are plain arguments.
 
+Token labeling: with `label_maps` (shards written with LABELS) a train batch is (images, targets,
+`label_targets.LabelTargets`), the maps and each sample's augmentation geometry on the device.
+
 Position semantics: `samples_seen` counts global entries of the epoch consumed by batches already
 yielded (W*B per batch). `set_epoch(e)` with a different epoch restarts at 0; with the current epoch
 it keeps the position (so resume-then-set_epoch works). Finishing an epoch's iteration moves to
@@ -34,6 +37,7 @@ from pipeline.data.load.aug_params import ParamSource
 from pipeline.data.load.augment import DeviceAugment, batch_key
 from pipeline.data.load.config import DataConfig
 from pipeline.data.load.device_batches import DeviceDecoder
+from pipeline.data.load.label_targets import LabelTargets
 from pipeline.data.load.sampler import batches_per_epoch, epoch_order, rank_plan, val_range
 
 log = logging.getLogger(__name__)
@@ -88,9 +92,10 @@ def _stream(format_batches, plan, num_batches: int, cfg: DataConfig, device: tor
 
 
 class TrainLoader:
-    """Iterable of (images float (B,3,S,S) on device, targets); see the module docstring."""
+    """Iterable of (images float (B,3,S,S) on device, targets[, LabelTargets]); see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+                 label_maps: bool = False):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         device = torch.device(device)
@@ -100,10 +105,13 @@ class TrainLoader:
         section = manifest.split_section(contents, cfg.root, "train", cfg.format)
         self.num_classes = len(contents["classes"])
         self.num_samples = int(section["num_samples"])
+        if label_maps and "label_maps" not in section:
+            raise DataError(f"data.root={cfg.root!r} has no label maps in its train split: rebuild the "
+                            f"shards with make shards LABELS=<maps> (maps: python -m pipeline label-maps)")
         self.params = ParamSource(cfg)
         self.device_augment = DeviceAugment(cfg, self.num_classes, self.device, train=True)
         self.blocks, self.format_batches = FORMATS[cfg.format].load_module().train_batches(
-            cfg, section[cfg.format], self.params)
+            cfg, section[cfg.format], self.params, label_maps)
         self.decoder = None
         if cfg.decode == "device":
             self.decoder = DeviceDecoder(cfg, self.device, self.format_batches.where, self.params)
@@ -157,9 +165,9 @@ class TrainLoader:
         plan = self.plan()
         cuda = self.device.type == "cuda"
         batches = _stream(self.format_batches, plan, plan.num_batches, self.cfg, self.device)
-        for b, images, labels, skipped in batches:
+        for b, images, labels, skipped, *maps in batches:  # maps: [LabelTargets] with label_maps
             if self.decoder is not None:
-                images, labels, skipped = self.decoder.train(images, labels)
+                images, labels, skipped = self.decoder.train(images, labels, *maps)
             if skipped:
                 self.skipped += skipped
                 log.warning("rank %d: %d undecodable images replaced so far", self.rank, self.skipped)
@@ -170,7 +178,7 @@ class TrainLoader:
                                        batch_key(self.cfg.seed, plan.epoch, start, self.rank))
             self.samples_seen = start + self.world_size * self.cfg.batch_size
             self.last_samples = (plan.indices[b], plan.repeats[b])  # (index, repeat) pairs of this batch
-            yield x, y
+            yield x, y, *(LabelTargets(*(t.to(self.device, non_blocking=cuda) for t in m)) for m in maps)
         self.epoch, self.samples_seen = plan.epoch + 1, 0
 
 
@@ -213,8 +221,9 @@ class ValLoader:
             yield self.device_augment(images, labels)
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> TrainLoader:
-    return TrainLoader(cfg.validate(), rank, world_size, device)
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+                       label_maps: bool = False) -> TrainLoader:
+    return TrainLoader(cfg.validate(), rank, world_size, device, label_maps)
 
 
 def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> ValLoader:

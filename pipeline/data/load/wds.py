@@ -10,7 +10,9 @@ The windowed shuffle keeps the set of shards being read small and shared by all 
 within a few shards at a time.
 
 Mapping to sample indices: the i-th sample (group of members sharing a key) of shard s has index
-`first_index(s) + i` (data contract); the scan checks the count against manifest.json.
+`first_index(s) + i` (data contract); the scan checks the count against manifest.json. A sample's
+`.tlm` label map (shards written with LABELS) is indexed beside its image; with `label_maps` a train
+batch also carries the batch's `label_targets.LabelTargets`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from collections import OrderedDict
 
 import numpy as np
 
+from pipeline.data import label_maps
 from pipeline.data.errors import DataError
 from pipeline.data.load import device_batches  # module, not names: it imports this module too
 from pipeline.data.load.augment import ValAugment, open_image, seeded_pil_rngs
+from pipeline.data.load.label_targets import batch_targets
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif"})
 _OPEN_SHARDS = 32  # open files kept per process
+_INDEX_ARRAYS = ("offsets", "sizes", "labels", "headers", "map_offsets", "map_sizes")  # per sample
 
 
 _ZERO_BLOCK = bytes(512)
@@ -90,12 +95,13 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def scan_shard(path: str, name: str, expected: int) -> tuple[np.ndarray, ...]:
-    """(image offsets, image sizes, labels, header offsets) of one tar shard's samples, in order.
+    """(image offsets, image sizes, labels, header offsets, map offsets, map sizes) of one tar shard's
+    samples, in order (map offset -1: no `.tlm` member).
 
     Raises DataError naming the shard (and the last good key) when it is missing, corrupt or does
     not hold `expected` samples.
     """
-    keys, offsets, sizes, headers, labels = [], [], [], [], []
+    keys, offsets, sizes, headers, labels, map_offsets, map_sizes = [], [], [], [], [], [], []
     last_key = None
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -109,9 +115,13 @@ def scan_shard(path: str, name: str, expected: int) -> tuple[np.ndarray, ...]:
                     sizes.append(0)
                     headers.append(header)
                     labels.append(None)
+                    map_offsets.append(-1)
+                    map_sizes.append(0)
                     last_key = key
                 if ext in IMAGE_EXTS:
                     offsets[-1], sizes[-1], headers[-1] = data, size, header
+                elif ext == label_maps.MEMBER:
+                    map_offsets[-1], map_sizes[-1] = data, size
                 elif ext == "cls":
                     text = bytes(mm[data : data + size])
                     try:
@@ -131,8 +141,7 @@ def scan_shard(path: str, name: str, expected: int) -> tuple[np.ndarray, ...]:
         after = f" (last good key {keys[-1]!r})" if keys else ""
         raise DataError(f"shard {name} holds {len(keys)} samples but manifest.json says {expected}{after}: "
                         f"the shard is truncated or corrupt; rebuild the shards (make shards)")
-    return (np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), np.asarray(labels, np.int64),
-            np.asarray(headers, np.int64))
+    return tuple(np.asarray(a, np.int64) for a in (offsets, sizes, labels, headers, map_offsets, map_sizes))
 
 
 class ShardSet:
@@ -169,7 +178,8 @@ class ShardSet:
             stats.append((st.st_size, st.st_mtime_ns))
         ident = json.dumps([shards, stats], sort_keys=True).encode()
         self._digest = hashlib.sha256(ident).hexdigest()[:16]
-        self.offsets, self.sizes, self.labels, self.headers = self._load_index()
+        self.offsets, self.sizes, self.labels, self.headers, self.map_offsets, self.map_sizes = \
+            self._load_index()
         self._files: OrderedDict[int, object] = OrderedDict()
         self._pid = os.getpid()
 
@@ -182,7 +192,7 @@ class ShardSet:
         for path in self._cache_paths():
             try:
                 with np.load(path) as z:
-                    arrays = tuple(z[k] for k in ("offsets", "sizes", "labels", "headers"))
+                    arrays = tuple(z[k] for k in _INDEX_ARRAYS)
                 if all(len(a) == self.num_samples for a in arrays):
                     return arrays
             except (OSError, KeyError, ValueError):
@@ -190,12 +200,12 @@ class ShardSet:
         parts = [scan_shard(os.path.join(self.dir, n), n, int(c)) for n, c in zip(self.names, self.counts,
                                                                                    strict=True)]
         by_index = np.argsort(self.firsts, kind="stable")
-        arrays = tuple(np.concatenate([parts[i][k] for i in by_index]) for k in range(4))
+        arrays = tuple(np.concatenate([parts[i][k] for i in by_index]) for k in range(len(_INDEX_ARRAYS)))
         for path in self._cache_paths():
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = f"{path}.{os.getpid()}.tmp.npz"
-                np.savez(tmp, offsets=arrays[0], sizes=arrays[1], labels=arrays[2], headers=arrays[3])
+                np.savez(tmp, **dict(zip(_INDEX_ARRAYS, arrays, strict=True)))
                 os.replace(tmp, path)
                 folder, mine = os.path.split(path)
                 for old in os.listdir(folder):  # indices of earlier versions of these shards
@@ -253,15 +263,26 @@ class ShardSet:
     def where(self, index: int) -> str:
         return f"shard {self.names[self.locate(index)[0]]}, key {self.key(index)!r}"
 
+    def read_map(self, index: int) -> bytes:
+        """The encoded label map (`.tlm` member) of a sample index."""
+        if self.map_offsets[index] < 0:
+            raise DataError(f"{self.where(index)} has no .{label_maps.MEMBER} label map; rebuild the shards "
+                            f"with LABELS (make shards LABELS=<maps>)")
+        f = self._file(self.locate(index)[0])
+        f.seek(int(self.map_offsets[index]))
+        return f.read(int(self.map_sizes[index]))
+
 
 class _ShardBatches:
     """A batch maker over the shards of one split (`augment`: the split's CPU stage)."""
 
-    def __init__(self, shards: ShardSet, augment, skip_bad: bool, device_decode: bool = False):
+    def __init__(self, shards: ShardSet, augment, skip_bad: bool, device_decode: bool = False,
+                 label_maps: bool = False):
         self.shards = shards
         self.augment = augment
         self.skip_bad = skip_bad
         self.device_decode = device_decode  # data.decode=device: send `device_batches.EncodedBatch`es
+        self.label_maps = label_maps  # train: each batch also carries its LabelTargets
 
     def where(self, index: int) -> str:
         return self.shards.where(int(index))
@@ -283,10 +304,14 @@ class _ShardBatches:
                 heads.append(None)
         return datas, heads, labels, ok
 
+    def maps(self, targets) -> tuple:
+        """What follows (images, labels, skipped) in a train batch: (targets,) with label maps, else ()."""
+        return (targets,) if self.label_maps else ()
+
 
 class WdsTrainBatches(_ShardBatches):
-    """Produces this rank's train batches (uint8 NHWC, labels) for a plan, batch by batch;
-    `augment` is the `aug_params.ParamSource`."""
+    """Produces this rank's train batches (uint8 NHWC, labels, skipped[, LabelTargets with label_maps])
+    for a plan, batch by batch; `augment` is the `aug_params.ParamSource`."""
 
     def batches(self, plan, batch_ids):
         for b in batch_ids:
@@ -297,20 +322,27 @@ class WdsTrainBatches(_ShardBatches):
         datas, imgs, labels, ok = self.open(indices)
         sizes = [img.size if img is not None else (1, 1) for img in imgs]
         p = params.draw(epoch, indices, repeats, [h for _, h in sizes], [w for w, _ in sizes])
+        targets = None
+        if self.label_maps:
+            where = [f"sample index {i} (shard {self.shards.names[self.shards.locate(i)[0]]})"
+                     for i in indices.tolist()]
+            targets = batch_targets(p, params.op_names, [(h, w) for w, h in sizes],
+                                    [self.shards.read_map(i) for i in indices.tolist()], where,
+                                    (params.size, params.size))
         if self.device_decode:
-            return device_batches.encoded(datas, imgs, ok, indices, p), labels, 0
+            return device_batches.encoded(datas, imgs, ok, indices, p), labels, 0, *self.maps(targets)
         out = np.empty((len(indices), params.size, params.size, 3), np.uint8)
         with seeded_pil_rngs() as seed:
             for j, img in enumerate(imgs):
                 if img is None:
                     continue
                 try:
-                    crop = params.augment.decode_box(img, p.boxes[j])
+                    crop = params.augment.decode_box(img, p.boxes[j], p.modes[j] if p.modes else None)
                 except Exception as e:  # PIL raises many types for bad data
                     ok[j] = bad_sample(self.where(indices[j]), e, self.skip_bad)
                     continue
                 out[j] = params.apply_cpu(crop, p, j, seed)
-        return fill_bad(out, labels, ok)
+        return (*fill_bad(out, labels, ok, targets or ()), *self.maps(targets))
 
 
 class WdsValBatches(_ShardBatches):
@@ -344,9 +376,10 @@ def bad_sample(where: str, e: Exception, skip_bad: bool) -> bool:
     return False
 
 
-def fill_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
+def fill_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray, extra=()):
     """Train: replace skipped samples by the nearest good one of the batch (batch size stays even for
-    Mixup and equal on all ranks). Returns (images, labels, number skipped)."""
+    Mixup and equal on all ranks), in each per-sample array of `extra` too (in place: e.g. the batch's
+    LabelTargets). Returns (images, labels, number skipped)."""
     bad = np.flatnonzero(~ok)
     if len(bad):
         good = np.flatnonzero(ok)
@@ -356,6 +389,8 @@ def fill_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
         for j in bad:
             src = good[np.argmin(np.abs(good - j))]
             images[j], labels[j] = images[src], labels[src]
+            for a in extra:
+                a[j] = a[src]
     return images, labels, len(bad)
 
 
@@ -367,10 +402,10 @@ def drop_bad(images: np.ndarray, labels: np.ndarray, ok: np.ndarray):
     return images, labels, 0
 
 
-def train_batches(cfg, section: dict, augment):
+def train_batches(cfg, section: dict, augment, label_maps: bool = False):
     """(shard blocks for the epoch shuffle, train batch maker) of the split's wds manifest section."""
     shards = ShardSet(cfg.root, "train", section["shards"])
-    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad, cfg.decode == "device")
+    return shards.blocks(), WdsTrainBatches(shards, augment, cfg.skip_bad, cfg.decode == "device", label_maps)
 
 
 def val_batches(cfg, section: dict):
