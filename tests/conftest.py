@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+
+def fake_shards(base: Path, *, train: int, val: int, min_side: int, max_side: int, seed: int,
+                shard_bytes: int) -> str:
+    """`make shards` (both formats) of a 4-class fake ImageNet with its quirks (CMYK, grayscale, PNG) under
+    `base`: `train`/`val` images in all, sides in [min_side, max_side]. Returns the shards folder."""
+    from pipeline.data.convert import fake
+    from pipeline.data.convert.shards import write_shards
+
+    fake.write(base / "src", layouts=("folders",), num_classes=4, train_per_class=train // 4,
+               val_per_class=val // 4, min_side=min_side, max_side=max_side, seed=seed)
+    write_shards(str(base / "src" / "folders"), base / "out", workers=1, shard_bytes=shard_bytes,
+                 classes=4, progress=False, log=lambda *a, **k: None)
+    return str(base / "out")
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.convert import fake, shards
 from pipeline.data.errors import DataError
 from pipeline.data.load.config import DataConfig
 from pipeline.data.load.loader import build_train_loader, build_val_loader
 from pipeline.data.load.sampler import epoch_order
+from tests.conftest import fake_shards
 
 pytest.importorskip("ffcv")
 pytestmark = pytest.mark.slow  # builds real shards, compiles FFCV's decoder, many loader passes
@@ -25,12 +25,8 @@ NUM_TRAIN, NUM_VAL = 48, 12
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("loader")
-    fake.write(base / "src", layouts=("folders",), num_classes=4, train_per_class=NUM_TRAIN // 4,
-               val_per_class=NUM_VAL // 4, min_side=40, max_side=90, seed=3)
-    shards.write_shards(str(base / "src" / "folders"), base / "out", workers=1, shard_bytes=24_000,
-                        classes=4, progress=False, log=lambda *a, **k: None)
-    return str(base / "out")
+    return fake_shards(tmp_path_factory.mktemp("loader"), train=NUM_TRAIN, val=NUM_VAL, min_side=40,
+                       max_side=90, seed=3, shard_bytes=24_000)
 
 
 def cfg_for(root, fmt, **kw):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.convert import fake, shards
 from pipeline.data.errors import DataError
 from pipeline.data.load.config import DataConfig
 from pipeline.data.load.loader import build_train_loader, build_val_loader
+from tests.conftest import fake_shards
 
 pytest.importorskip("ffcv")
 pytestmark = pytest.mark.slow  # builds real shards, compiles FFCV's decoder for the CPU path
@@ -25,12 +25,8 @@ LEVELS = 255 * 0.226  # one normalised unit in 8-bit levels (ImageNet std, about
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """4 classes, 80-260 px sides, with the fake dataset's CMYK, grayscale and PNG quirks."""
-    base = tmp_path_factory.mktemp("loader_device")
-    fake.write(base / "src", layouts=("folders",), num_classes=4, train_per_class=NUM_TRAIN // 4,
-               val_per_class=NUM_VAL // 4, min_side=80, max_side=260, seed=5)
-    shards.write_shards(str(base / "src" / "folders"), base / "out", workers=1, shard_bytes=200_000,
-                        classes=4, progress=False, log=lambda *a, **k: None)
-    return str(base / "out")
+    return fake_shards(tmp_path_factory.mktemp("loader_device"), train=NUM_TRAIN, val=NUM_VAL,
+                       min_side=80, max_side=260, seed=5, shard_bytes=200_000)
 
 
 def cfg_for(root, fmt, decode, **kw):
