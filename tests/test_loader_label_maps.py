@@ -28,20 +28,26 @@ def write_maps(root, keys) -> None:
         torch.save(torch.stack([scores, torch.randint(0, CLASSES, (5, 3, 4), generator=g)]).half(), path)
 
 
-@pytest.fixture(scope="module")
-def tl_shards(tmp_path_factory):
-    """(shards with label maps in both formats, the maps folder); 4 classes x 8 train images."""
+def label_map_shards(base, train_per_class: int, val_per_class: int):
+    """`make shards LABELS=...` (both formats) of a 4-class fake ImageNet (40-64 px, no quirks) with a
+    random map per train image under `base`. Returns (shards folder, maps folder)."""
     from pipeline.data.convert import fake
     from pipeline.data.convert.shards import write_shards
 
-    base = tmp_path_factory.mktemp("tl_shards")
-    fk = fake.write(base / "src", layouts=("folders",), num_classes=CLASSES, train_per_class=8,
-                    val_per_class=2, min_side=40, max_side=64, large_fraction=0.0, quirks=False, seed=0)
+    fk = fake.write(base / "src", layouts=("folders",), num_classes=CLASSES, train_per_class=train_per_class,
+                    val_per_class=val_per_class, min_side=40, max_side=64, large_fraction=0.0, quirks=False,
+                    seed=0)
     write_maps(base / "maps", fk.samples["train"])
     write_shards(str(base / "src" / "folders"), base / "out", formats=("wds", "ffcv"), workers=1,
                  shard_bytes=40_000, classes=CLASSES, progress=False, log=lambda *a, **k: None,
                  labels=str(base / "maps"))
     return base / "out", base / "maps"
+
+
+@pytest.fixture(scope="module")
+def tl_shards(tmp_path_factory):
+    """(shards with label maps in both formats, the maps folder); 4 classes x 8 train images."""
+    return label_map_shards(tmp_path_factory.mktemp("tl_shards"), train_per_class=8, val_per_class=2)
 
 
 def batches(root, fmt: str, decode: str, label_maps: bool = True):

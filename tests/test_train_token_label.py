@@ -10,7 +10,7 @@ import random
 import pytest
 
 from tests.conftest import Trainer
-from tests.test_loader_label_maps import CLASSES, write_maps
+from tests.test_loader_label_maps import label_map_shards
 from tests.test_train import check, differences, kill_when, latest, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -23,18 +23,10 @@ TL_DATA = {"img_size": 96, "eval_img_size": 96, "mixup": 0.0, "cutmix": 0.0, "re
 def tl_trainer(tmp_path_factory):
     """A `Trainer` over shards with label maps (4 classes x 16 train, both formats) for a tiny RMT-T
     with `token_label` (aux head, MixToken)."""
-    from pipeline.data.convert import fake
-    from pipeline.data.convert.shards import write_shards
-
     base = tmp_path_factory.mktemp("tl_train")
-    fk = fake.write(base / "src", layouts=("folders",), num_classes=CLASSES, train_per_class=16,
-                    val_per_class=4, min_side=40, max_side=64, large_fraction=0.0, quirks=False, seed=0)
-    write_maps(base / "maps", fk.samples["train"])
-    write_shards(str(base / "src" / "folders"), base / "out", formats=("wds", "ffcv"), workers=1,
-                 shard_bytes=40_000, classes=CLASSES, progress=False, log=lambda *a, **k: None,
-                 labels=str(base / "maps"))
+    out, _ = label_map_shards(base, train_per_class=16, val_per_class=4)
     (base / "runs").mkdir()
-    trainer = Trainer(base / "runs", base / "out")
+    trainer = Trainer(base / "runs", out)
     trainer.MODEL = {**Trainer.MODEL, "kwargs": {**Trainer.MODEL["kwargs"], "token_label": True}}
     return trainer
 
