@@ -278,7 +278,12 @@ def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(trainer, tmp_path):
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode in (75, 130), err[-3000:]
+    # 130: the second Ctrl-C came during the save and ended the process at once; 75: the save had
+    # finished and the process had exited before the second one; -SIGINT: it came while the
+    # interpreter was shutting down after the save, when Python has restored the default handler
+    assert proc.returncode in (75, 130, -signal.SIGINT), err[-3000:]
+    if proc.returncode == 130:
+        assert "stopping now without saving" in err
     assert "Traceback" not in err
     assert read_latest(run / "checkpoints") is not None  # `latest` names a complete checkpoint either way
     check = _cli("verify-checkpoint", str(run))
