@@ -11,6 +11,11 @@ training (nvJPEG, batched tensor ops), unmeasured here without a GPU; the same c
 reported for reference. Same images, same machine, one run, 0 (in the main process: no worker start-up
 or transfer, the steady-state cost), 1 and 2 loader workers.
 
+Token labeling: the same train pipelines over shards written with label maps (`make shards LABELS=`,
+one synthetic TokenLabeling-sized map per image), each batch carrying its maps and sampling matrices
+(`label_targets.LabelTargets`), against the same pipelines over the plain shards; the dense targets are
+built on the training device, so they are not in these numbers.
+
 "Per core" = images / CPU seconds used by the main process and its loader workers (user + system,
 from getrusage), so other load on the machine does not inflate it; wall-clock images/s is shown too.
 Usage: python bench/bench_data.py [--train-per-class 64] [--repeat 2] [--markdown BENCHMARKS.md]
@@ -36,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sections import write_section  # noqa: E402
 from pipeline.data.convert import fake, shards  # noqa: E402
+from pipeline.data.convert.imagenet import detect  # noqa: E402
 from pipeline.data.load.config import DataConfig  # noqa: E402
 from pipeline.data.load.loader import TrainLoader, ValLoader, _stream  # noqa: E402
 
@@ -81,12 +87,13 @@ def baseline(src: str, split: str, workers: int, batch: int, rand_augment: str):
     return make, lambda item: len(item[1])
 
 
-def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment: str, decode: str):
+def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment: str, decode: str,
+         label_maps: bool = False):
     cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=workers, rand_augment=rand_augment,
                      color_jitter=0.0, decode=decode).validate()
     cpu = torch.device("cpu")
     if split == "train":
-        loader = TrainLoader(cfg, 0, 1, cpu)
+        loader = TrainLoader(cfg, 0, 1, cpu, label_maps)
 
         def make():
             loader.samples_seen = 0
@@ -102,14 +109,14 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
     return make, lambda item: len(item[2])
 
 
-def marginal(root: str, fmt: str, decode: str, batch: int) -> float:
+def marginal(root: str, fmt: str, decode: str, batch: int, label_maps: bool = False) -> float:
     """Train images per CPU-second through 1 loader worker beyond a pass's first batch: (images of a
     whole pass - of a 1-batch pass) / (CPU time of both likewise), the steady-state cost without the
     per-pass worker start-up that a short benchmark pass is dominated by. (A worker's CPU time is
     counted when it exits, so only whole passes can be timed.)"""
     cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=1, color_jitter=0.0,
                      decode=decode).validate()
-    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
+    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"), label_maps)
     plan = loader.plan()
     cost = {}
     for num in (1, plan.num_batches) * 2:  # the cheaper of 2 tries each
@@ -141,6 +148,42 @@ def device_decode(root: str, batch: int, device: torch.device) -> float:
     return best
 
 
+def write_label_maps(out: Path, keys, num_classes: int, side: int) -> Path:
+    """A synthetic map per train key: fp16 [2, 5, side, side] (top-5 scores, their classes), TokenLabeling's
+    layout and size (NFNet-F6 at 576 px, stride 32: 18 x 18)."""
+    from pipeline.data import label_maps
+
+    g = torch.Generator().manual_seed(0)
+    for key in keys:
+        scores = torch.randn(label_maps.TOP_K, side, side, generator=g).sort(dim=0, descending=True).values
+        indices = torch.randint(0, num_classes, (label_maps.TOP_K, side, side), generator=g)
+        path = label_maps.map_path(out, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.stack([scores, indices.float()]).half(), path)
+    return out
+
+
+def token_label_rows(root: str, root_tl: str, batch: int, repeat: int) -> list[dict]:
+    """Train with RandAugment: images per core with label maps vs without, per pipeline, in the main
+    process (0 workers: the steady state) and beyond a pass's first batch through 1 worker (`marginal`);
+    the two sides of a pair are timed back to back."""
+    rows = []
+    for name in ("wds", "ffcv", "wds-device", "ffcv-device"):
+        fmt, _, decode = name.partition("-")
+        decode = decode or "cpu"
+        per_core = {}
+        for maps, where in ((False, root), (True, root_tl)):
+            per_core[maps] = (measure(*ours(where, fmt, "train", 0, batch, RECIPE, decode, maps), repeat)[1],
+                              marginal(where, fmt, decode, batch, maps))
+        for i, workers in enumerate(("0", "1 (beyond the first batch)")):
+            plain, with_maps = per_core[False][i], per_core[True][i]
+            rows.append({"pipeline": name, "workers": workers, "plain_per_core": plain,
+                         "maps_per_core": with_maps, "cost": 1 - with_maps / plain})
+            print(f"token labeling {name:11s} workers={workers:26s} {plain:8.1f} -> {with_maps:8.1f} "
+                  f"img/s per core ({100 * rows[-1]['cost']:+.1f}% cost)", flush=True)
+    return rows
+
+
 def device_stage(root: str, batch: int) -> float:
     """Images/s of the device stage (normalise, erasing, Mixup) on this CPU, for reference."""
     cfg = DataConfig(root=root, format="wds", batch_size=batch, workers=0).validate()
@@ -163,6 +206,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                     help="0: the batch maker in this process (no worker start-up or transfer)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per row; the best counts")
+    ap.add_argument("--map-side", type=int, default=18,
+                    help="side of the synthetic label maps (default: %(default)s, NFNet-F6 at 576 px)")
+    ap.add_argument("--no-token-label", action="store_true", help="skip the token-labeling rows")
     ap.add_argument("--markdown", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                     help="write the section here (default: %(default)s; '' for none)")
     ap.add_argument("--json", help="also write the results here as JSON")
@@ -179,6 +225,14 @@ def main() -> int:
         manifest = shards.write_shards(src, root, classes=args.classes, progress=False,
                                        log=lambda *a, **k: None)
         ffcv_opts = {k: v for k, v in manifest["options"].items() if k.startswith("ffcv")}
+        tl_rows = []
+        if not args.no_token_label:
+            keys = [e.key for e in detect(src, args.classes).splits["train"]]
+            maps = write_label_maps(Path(tmp) / "maps", keys, args.classes, args.map_side)
+            root_tl = str(Path(tmp) / "shards-tl")
+            shards.write_shards(src, root_tl, classes=args.classes, progress=False, log=lambda *a, **k: None,
+                                labels=str(maps))
+            tl_rows = token_label_rows(root, root_tl, args.batch, args.repeat)
 
         rows = []
         groups = [("train", RECIPE), ("val", RECIPE), ("train", "")]
@@ -247,6 +301,23 @@ def main() -> int:
           f"{'-' if r['per_core_vs_cpu_path'] is None else format(r['per_core_vs_cpu_path'], '.1f') + 'x'} |"
           for r in rows), "",
     ]
+    if tl_rows:
+        worst = max(r["cost"] for r in tl_rows if "device" not in r["pipeline"])
+        lines += [
+            "### Token labeling: label maps in the batch", "",
+            "Train with RandAugment over shards written with label maps (`make shards LABELS=`; one "
+            f"synthetic fp16 [2, 5, {args.map_side}, {args.map_side}] map per image, TokenLabeling's "
+            "size) vs the same pipeline over the plain shards: each batch also carries its maps (top-5 "
+            "scores and classes) and each sample's sampling matrices for its crop, flip and geometric "
+            "RandAugment ops; the dense targets are built from them on the training device (not counted "
+            "here). Workers 0 = the steady state in the main process; 1 = one worker, beyond a pass's "
+            "first batch (as above). Cost = 1 - with maps / without, per core. The CPU decode path pays "
+            f"at most {100 * worst:.1f}% (aim: at most 15%).", "",
+            "| pipeline | workers | images/s per core, no maps | with maps | cost |",
+            "|---|---|---|---|---|",
+            *(f"| {r['pipeline']} | {r['workers']} | {r['plain_per_core']:.1f} | {r['maps_per_core']:.1f} | "
+              f"{100 * r['cost']:.1f}% |" for r in tl_rows), "",
+        ]
     if args.markdown:
         write_section(Path(args.markdown), "\n".join(lines))
     if args.json:
@@ -256,7 +327,8 @@ def main() -> int:
                                                "device_stage_images_per_s": dev,
                                                "device_decode_on_cpu_images_per_s": dev_decode,
                                                "device_decode_on_cuda_images_per_s": gpu_decode,
-                                               "steady_state_images_per_s_per_core": steady},
+                                               "steady_state_images_per_s_per_core": steady,
+                                               "token_label": tl_rows},
                                               indent=2) + "\n")
     print("\n".join(lines))
     return 0
