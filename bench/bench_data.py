@@ -46,6 +46,7 @@ from pipeline.data.load.config import DataConfig  # noqa: E402
 from pipeline.data.load.loader import TrainLoader, ValLoader, _stream  # noqa: E402
 
 SECTION = "## Data loading"
+TL_HEADING = "### Token labeling: label maps in the batch"
 RECIPE = "rand-m9-mstd0.5-inc1"
 
 
@@ -212,6 +213,52 @@ def device_stage(root: str, batch: int) -> float:
     return 5 * batch / (time.perf_counter() - start)
 
 
+def token_label_lines(args, tl_rows: list[dict]) -> list[str]:
+    """The "### Token labeling" subsection of the Data loading section."""
+    row = {(r["pipeline"], r["workers"]): r for r in tl_rows}
+    derived = {fmt: row[(f"{fmt}-device", "0")]["maps_us_per_image"]
+               / (1e6 / row[(fmt, "0")]["plain_per_core"]) for fmt in ("wds", "ffcv")}
+    direct = [100 * r["cost"] for r in tl_rows if "device" not in r["pipeline"]]
+    return [
+        TL_HEADING, "",
+        f"`make bench-data`, or only these rows: `python bench/bench_data.py --token-label-only` "
+        f"({'a run of its own' if args.token_label_only else 'the same run'}: {args.classes} classes x "
+        f"{args.train_per_class} train images, batch {args.batch}; load average at the end "
+        f"{os.getloadavg()[0]:.1f}). Train with RandAugment over shards written with label maps (`make "
+        "shards LABELS=`; one "
+        f"synthetic fp16 [2, 5, {args.map_side}, {args.map_side}] map per image, TokenLabeling's "
+        "size) vs the same pipeline over the plain shards: each batch also carries its maps (top-5 "
+        "scores and classes) and each sample's sampling matrices for its crop, flip and geometric "
+        "RandAugment ops; the dense targets are built from them on the training device (not counted "
+        f"here). Workers 0 = the steady state in the main process, best of {args.tl_repeat} passes "
+        "alternating between the two; 1 = one worker, beyond a pass's first batch (as above). Cost = "
+        "1 - with maps / without, per core; extra = what the maps add per image (CPU microseconds).", "",
+        "The maps' work is the same on both decode paths; on the device path's CPU side little else "
+        "happens, so there it is measurable: "
+        + ", ".join(f"{row[(f'{fmt}-device', '0')]['maps_us_per_image']:.0f} us per image ({fmt})"
+                    for fmt in ("wds", "ffcv"))
+        + ", i.e. " + " and ".join(f"{100 * derived[fmt]:.1f}% ({fmt})" for fmt in ("wds", "ffcv"))
+        + " of the CPU decode path's time per image (aim: at most 15%). Measured directly, the CPU "
+        f"path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}%: the pass-to-pass noise of "
+        "this shared machine, larger than the maps' share.", "",
+        "| pipeline | workers | images/s per core, no maps | with maps | cost | extra (us/image) |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['pipeline']} | {r['workers']} | {r['plain_per_core']:.1f} | {r['maps_per_core']:.1f} | "
+          f"{100 * r['cost']:.1f}% | {r['maps_us_per_image']:.1f} |" for r in tl_rows), "",
+    ]
+
+
+def write_token_label_part(path: Path, lines: list[str]) -> None:
+    """Replace only the token-labeling subsection of the Data loading section (--token-label-only), so the
+    other numbers of that section (which README cites) stay those of their own run."""
+    parts = path.read_text().split("\n## ") if path.exists() else []
+    old = next((p for p in parts[1:] if p.split("\n", 1)[0].strip() == SECTION[3:]), None)
+    if old is None:
+        raise SystemExit(f"{path} has no '{SECTION}' section yet: run make bench-data first")
+    rest = ("## " + old).split("\n" + TL_HEADING)[0].rstrip("\n")
+    write_section(path, rest + "\n\n" + "\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=8)
@@ -227,6 +274,8 @@ def main() -> int:
                     help="token-labeling rows, 0 workers: alternating timed passes per pipeline, the best "
                          "counts (default: %(default)s)")
     ap.add_argument("--no-token-label", action="store_true", help="skip the token-labeling rows")
+    ap.add_argument("--token-label-only", action="store_true",
+                    help="only the token-labeling rows; rewrites only their subsection of the section")
     ap.add_argument("--markdown", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                     help="write the section here (default: %(default)s; '' for none)")
     ap.add_argument("--json", help="also write the results here as JSON")
@@ -251,6 +300,14 @@ def main() -> int:
             shards.write_shards(src, root_tl, classes=args.classes, progress=False, log=lambda *a, **k: None,
                                 labels=str(maps))
             tl_rows = token_label_rows(root, root_tl, args.batch, args.tl_repeat)
+        if args.token_label_only:
+            lines = token_label_lines(args, tl_rows)
+            if args.markdown:
+                write_token_label_part(Path(args.markdown), lines)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"token_label": tl_rows}, indent=2) + "\n")
+            print("\n".join(lines))
+            return 0
 
         rows = []
         groups = [("train", RECIPE), ("val", RECIPE), ("train", "")]
@@ -320,33 +377,7 @@ def main() -> int:
           for r in rows), "",
     ]
     if tl_rows:
-        row = {(r["pipeline"], r["workers"]): r for r in tl_rows}
-        derived = {fmt: row[(f"{fmt}-device", "0")]["maps_us_per_image"]
-                   / (1e6 / row[(fmt, "0")]["plain_per_core"]) for fmt in ("wds", "ffcv")}
-        direct = [100 * r["cost"] for r in tl_rows if "device" not in r["pipeline"]]
-        lines += [
-            "### Token labeling: label maps in the batch", "",
-            "Train with RandAugment over shards written with label maps (`make shards LABELS=`; one "
-            f"synthetic fp16 [2, 5, {args.map_side}, {args.map_side}] map per image, TokenLabeling's "
-            "size) vs the same pipeline over the plain shards: each batch also carries its maps (top-5 "
-            "scores and classes) and each sample's sampling matrices for its crop, flip and geometric "
-            "RandAugment ops; the dense targets are built from them on the training device (not counted "
-            f"here). Workers 0 = the steady state in the main process, best of {args.tl_repeat} passes "
-            "alternating between the two; 1 = one worker, beyond a pass's first batch (as above). Cost = "
-            "1 - with maps / without, per core; extra = what the maps add per image (CPU microseconds).", "",
-            "The maps' work is the same on both decode paths; on the device path's CPU side little else "
-            "happens, so there it is measurable: "
-            + ", ".join(f"{row[(f'{fmt}-device', '0')]['maps_us_per_image']:.0f} us per image ({fmt})"
-                        for fmt in ("wds", "ffcv"))
-            + ", i.e. " + " and ".join(f"{100 * derived[fmt]:.1f}% ({fmt})" for fmt in ("wds", "ffcv"))
-            + " of the CPU decode path's time per image (aim: at most 15%). Measured directly, the CPU "
-            f"path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}%: the pass-to-pass noise of "
-            "this shared machine, larger than the maps' share.", "",
-            "| pipeline | workers | images/s per core, no maps | with maps | cost | extra (us/image) |",
-            "|---|---|---|---|---|---|",
-            *(f"| {r['pipeline']} | {r['workers']} | {r['plain_per_core']:.1f} | {r['maps_per_core']:.1f} | "
-              f"{100 * r['cost']:.1f}% | {r['maps_us_per_image']:.1f} |" for r in tl_rows), "",
-        ]
+        lines += token_label_lines(args, tl_rows)
     if args.markdown:
         write_section(Path(args.markdown), "\n".join(lines))
     if args.json:
