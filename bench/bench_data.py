@@ -239,8 +239,9 @@ def token_label_lines(args, tl_rows: list[dict]) -> list[str]:
                     for fmt in ("wds", "ffcv"))
         + ", i.e. " + " and ".join(f"{100 * derived[fmt]:.1f}% ({fmt})" for fmt in ("wds", "ffcv"))
         + " of the CPU decode path's time per image (aim: at most 15%). Measured directly, the CPU "
-        f"path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}%: the pass-to-pass noise of "
-        "this shared machine, larger than the maps' share.", "",
+        f"path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}% (negative: faster with maps): "
+        "differences of that size come from the load on this shared machine, not from the maps, whose "
+        "share the device path bounds.", "",
         "| pipeline | workers | images/s per core, no maps | with maps | cost | extra (us/image) |",
         "|---|---|---|---|---|---|",
         *(f"| {r['pipeline']} | {r['workers']} | {r['plain_per_core']:.1f} | {r['maps_per_core']:.1f} | "
