@@ -245,12 +245,21 @@ def run(args: argparse.Namespace) -> int:
     other = "wds" if args.format == "ffcv" else "ffcv"
     return train_to_summary(args, cfg, run_dir, shards, step, t0, "RMT-T", [], [
         f"{'make demo FORMAT=' + other:<35}# the other loader",
-        f"{'make demo TL=1':<35}# token labeling, this run as the teacher",
+        f"{token_label_next(args, data, run_dir):<35}# token labeling, this run as the teacher",
         "make test                          # the test suite",
         f"python -m pipeline eval --checkpoint {run_dir} --ema",
         *_load_line(cfg, args.classes, run_dir),
         "make shards SRC=/data/imagenet     # the real thing (README: the walkthrough), then",
         "SHARDS=shards/imagenet1k sbatch launch/rmt_l_64gpu.sh"])
+
+
+def token_label_next(args: argparse.Namespace, data: Path, run_dir: Path) -> str:
+    """The command that runs the token-labeling demo with this plain run as its teacher."""
+    defaults = (Path(f"runs/demo-{args.format}").resolve(), Path("data/demo").resolve(), 10)
+    if (run_dir, data, args.classes) == defaults:
+        return f"make demo TL=1 FORMAT={args.format}"
+    return (f"python -m pipeline demo --token-label --format {args.format} --teacher {run_dir} --data {data} "
+            f"--classes {args.classes}")
 
 
 def _load_line(cfg, classes: int, run_dir: Path) -> list[str]:
@@ -409,6 +418,6 @@ def token_label_demo(args: argparse.Namespace, cfg, data: Path, shards: Path, ru
         f"{'make demo TL=1 FORMAT=' + ('wds' if args.format == 'ffcv' else 'ffcv'):<35}# the other loader",
         f"python -m pipeline eval --checkpoint {run_dir} --ema",
         *_load_line(cfg, args.classes, run_dir),
-        "make shards SRC=/data/imagenet LABELS=/data/label_top5_train_nfnet   # README: Token labeling, then",
-        "CONFIG=configs/rmt_l_tl.yaml RUN_DIR=runs/rmt_l_tl SHARDS=shards/imagenet1k sbatch "
-        "launch/rmt_l_64gpu.sh"])
+        "make shards SRC=/data/imagenet OUT=shards/imagenet1k-tl LABELS=/data/label_top5_train_nfnet",
+        "CONFIG=configs/rmt_l_tl.yaml RUN_DIR=runs/rmt_l_tl SHARDS=shards/imagenet1k-tl sbatch "
+        "launch/rmt_l_64gpu.sh   # README: Token labeling"])

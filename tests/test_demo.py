@@ -75,6 +75,8 @@ def test_demo_trains_interrupts_resumes_and_reports(plain_demo):
     summary = out[out.index("demo summary"):]
     assert f"interrupted by SIGTERM at step {ends[0]['step']}" in summary
     assert str(run / "export" / "rmt_t_demo_ema.safetensors") in summary
+    assert (f"python -m pipeline demo --token-label --format ffcv --teacher {run} --data {tmp_path / 'data'} "
+            "--classes 10") in summary  # what the next test runs
     # the summary's accuracies are those of `eval` on the exported run
     evaluated = [json.loads(line) for line in out.splitlines() if line.startswith('{"checkpoint"')]
     assert [e["ema"] for e in evaluated] == [False, True]
