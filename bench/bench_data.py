@@ -110,7 +110,7 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
     return make, lambda item: len(item[2])
 
 
-def marginal(root: str, fmt: str, decode: str, batch: int, label_maps: bool = False) -> float:
+def marginal(root: str, fmt: str, decode: str, batch: int, label_maps: bool = False, tries: int = 2) -> float:
     """Train images per CPU-second through 1 loader worker beyond a pass's first batch: (images of a
     whole pass - of a 1-batch pass) / (CPU time of both likewise), the steady-state cost without the
     per-pass worker start-up that a short benchmark pass is dominated by. (A worker's CPU time is
@@ -120,7 +120,7 @@ def marginal(root: str, fmt: str, decode: str, batch: int, label_maps: bool = Fa
     loader = TrainLoader(cfg, 0, 1, torch.device("cpu"), label_maps)
     plan = loader.plan()
     cost = {}
-    for num in (1, plan.num_batches) * 2:  # the cheaper of 2 tries each
+    for num in (1, plan.num_batches) * tries:  # the cheapest of `tries` tries each
         start = cpu_seconds()
         n = sum(len(item[2]) for item in _stream(loader.format_batches, plan, num, loader.cfg, loader.device))
         cost[n] = min(cost.get(n, float("inf")), cpu_seconds() - start)
@@ -188,7 +188,7 @@ def token_label_rows(root: str, root_tl: str, batch: int, repeat: int) -> list[d
         decode = decode or "cpu"
         steady = paired({maps: ours(where, fmt, "train", 0, batch, RECIPE, decode, maps)
                          for maps, where in ((False, root), (True, root_tl))}, repeat)
-        beyond = {maps: marginal(where, fmt, decode, batch, maps)
+        beyond = {maps: marginal(where, fmt, decode, batch, maps, tries=repeat)
                   for maps, where in ((False, root), (True, root_tl))}
         for workers, per_core in (("0", steady), ("1 (beyond the first batch)", beyond)):
             plain, with_maps = per_core[False], per_core[True]
@@ -231,7 +231,8 @@ def token_label_lines(args, tl_rows: list[dict]) -> list[str]:
         "scores and classes) and each sample's sampling matrices for its crop, flip and geometric "
         "RandAugment ops; the dense targets are built from them on the training device (not counted "
         f"here). Workers 0 = the steady state in the main process, best of {args.tl_repeat} passes "
-        "alternating between the two; 1 = one worker, beyond a pass's first batch (as above). Cost = "
+        "alternating between the two; 1 = one worker, beyond a pass's first batch (as above, the "
+        f"cheapest of {args.tl_repeat} tries). Cost = "
         "1 - with maps / without, per core; extra = what the maps add per image (CPU microseconds).", "",
         "The maps' work is the same on both decode paths; on the device path's CPU side little else "
         "happens, so there it is measurable: "
