@@ -26,6 +26,7 @@ from test_slurm import (
     FINAL_STATES,
     OVERRIDES,
     SCRIPT,
+    _cluster_up,
     _final_state,
     _job,
     _log,
@@ -47,7 +48,14 @@ MAX_STEPS = 16
 STEPS = [f"train.max_steps={MAX_STEPS}", "train.eval_every_epochs=2", "data.trace=true"]
 GLOBAL_BATCH = 8  # OVERRIDES' train.global_batch
 NODE_IP = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
-COLLECTIVE_TIMEOUT_S = 15  # below what SLURM needs to call a silent node dead here (~25 s)
+# A cut link: the ranks on node1 must end by their watchdog, which fires COLLECTIVE_TIMEOUT_S plus at most
+# one heartbeat period (a fifth of it) after the hung phase began (15-18 s here), before SLURM calls node2
+# dead and kills the job. slurmctld pings a node every SlurmdTimeout/3 s when its last answer is older than
+# that, and downs it at the first ping cycle that finds the last answer older than SlurmdTimeout as of the
+# cycle before: 2/3 to 5/3 x SlurmdTimeout after the loss (src/slurmctld/ping_nodes.c), 24-60 s with 36.
+# A healthy phase (a step, a save, an evaluation) took at most 0.3 s here (the test prints the longest).
+COLLECTIVE_TIMEOUT_S = 15
+SLURMD_TIMEOUT_S = 36
 
 
 def _start(env: dict[str, str]) -> None:
@@ -58,11 +66,13 @@ def _start(env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="session")
 def mn_env():
-    """Environment for sbatch/scontrol against the 2-node cluster (4 CPUs per node: 4 ranks fit on one)."""
-    env = dict(os.environ, MN_SLURM_DIR=MN_DIR, MN_SLURM_CPUS="4", MN_SLURM_SLURMD_TIMEOUT="20",
-               SLURM_CONF=os.path.join(MN_DIR, "slurm.conf"))
-    if os.geteuid() != 0:
-        pytest.skip("the multi-node SLURM tests create network namespaces: run them as root")
+    """Environment for sbatch/scontrol against the 2-node cluster (4 CPUs per node: 4 ranks fit on one).
+    The start script installs SLURM and munge when they are missing, so this file also runs alone."""
+    env = dict(os.environ, MN_SLURM_DIR=MN_DIR, MN_SLURM_CPUS="4",
+               MN_SLURM_SLURMD_TIMEOUT=str(SLURMD_TIMEOUT_S), SLURM_CONF=os.path.join(MN_DIR, "slurm.conf"))
+    if os.geteuid() != 0:  # like the one-node tests without a cluster: fail, saying what to do
+        pytest.fail("the multi-node SLURM tests need root (they create network namespaces, kill a node's "
+                    "processes, cut its link): run `sudo make slurm-test`, or deselect them: -m 'not slurm'")
     with open(LOCK, "w") as lock:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -73,8 +83,7 @@ def mn_env():
                 if time.monotonic() > deadline:
                     pytest.fail(f"another test session held {LOCK} for {LOCK_WAIT_S} s")
                 time.sleep(2)
-        ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True)
-        was_up = ping.returncode == 0 and "UP" in ping.stdout
+        was_up = _cluster_up(env)  # False also when SLURM is not installed yet
         _start(env)
         try:
             yield env
