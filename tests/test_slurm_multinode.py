@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,14 +162,31 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
 
     job = _wait(mn_env, job_id, run_dir, until=training)
     assert job["JobState"] == "RUNNING", _log(run_dir, job_id)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+    # The ranks are held (SIGSTOP) while the signal travels (scancel -> batch shell -> srun -> each node's
+    # slurmstepd -> task), until it is pending in all four: however slow the box, it cannot arrive after
+    # the last step; then they go on and act on it.
+    ranks = _trainers(run_dir)
+    assert len(ranks) == 4, ranks
+    _hold(ranks)
+    try:
+        stopped_at = _train_steps(run_dir)[-1]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+        deadline = time.monotonic() + 60
+        while (states := [_usr1(pid) for pid in ranks]) != ["pending"] * 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+    assert states == ["pending"] * 4, f"SIGUSR1 of the ranks {ranks} after 60 s: {states}"
     job = _wait(mn_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "requeuing job" in log and "start 2 (requeued 1 times" in log, log
     ends = [m for m in _metrics(run_dir) if m["kind"] == "end"]
     assert [e["reason"] for e in ends] == ["signal", "finished"], ends
-    assert 2 <= ends[0]["step"] < MAX_STEPS and ends[1]["step"] == MAX_STEPS
+    # stopped within the step in progress or the next (a rank may already be in its stop vote)
+    assert stopped_at < ends[0]["step"] <= stopped_at + 2 < MAX_STEPS, (stopped_at, ends)
+    assert ends[1]["step"] == MAX_STEPS
     # every rank on both nodes stopped at that step: the 4-rank start 2 resumed from its checkpoint
     # (checkpoint.keep=2 has removed it since), and the end state matches
     assert f"resume from: {run_dir}/checkpoints/step_{ends[0]['step']:08d}" in log
@@ -181,21 +199,50 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
     assert not differ, f"{len(differ)} tensors differ (largest {largest:g}), e.g. {differ[:5]}"
 
 
-def _trainer_usr1(run_dir: Path) -> list[str]:
-    """For each running trainer task of this run: 'ignored', 'caught' or 'default' (its SIGUSR1 state)."""
-    states = []
+def _trainers(run_dir: Path) -> list[int]:
+    """PIDs of the running trainer tasks of this run, on every node."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            status = (proc / "status").read_text()
-        except (OSError, ValueError):
+        except OSError:
             continue
-        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and cmd[0].endswith(b"python"):
-            masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Sig"))
-            bit = 1 << (10 - 1)  # SIGUSR1 = 10
-            states.append("caught" if int(masks["SigCgt"], 16) & bit else
-                          "ignored" if int(masks["SigIgn"], 16) & bit else "default")
+        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and \
+                os.fsdecode(cmd[0]).rsplit("/", 1)[-1].startswith("python"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _usr1(pid: int) -> str:
+    """The process's SIGUSR1: 'pending' (sent, not yet handled), else 'caught', 'ignored' or 'default'."""
+    status, bit = _status(pid), 1 << (signal.SIGUSR1 - 1)
+    return next((name for key, name in (("ShdPnd", "pending"), ("SigPnd", "pending"), ("SigCgt", "caught"),
+                                        ("SigIgn", "ignored")) if int(status[key], 16) & bit), "default")
+
+
+def _trainer_usr1(run_dir: Path) -> list[str]:
+    states = []
+    for pid in _trainers(run_dir):
+        try:
+            states.append(_usr1(pid))
+        except OSError:  # ended meanwhile
+            pass
     return states
+
+
+def _hold(pids: list[int]) -> None:
+    """SIGSTOP the processes and wait until every one is stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while any(_status(pid)["State"][0] != "T" for pid in pids):
+        assert time.monotonic() < deadline, f"{pids} not all stopped after 30 s"
+        time.sleep(0.05)
 
 
 def _processes(ns: str, word: bytes) -> list[int]:
@@ -220,6 +267,21 @@ exec {real} "$@"
 """
 
 
+def _batch_shell(job_id: str) -> int:
+    """PID of the job's batch shell: the process running its script (slurm_script) whose parent is a
+    slurmstepd (a subshell of the script has the same command line, but the script as its parent)."""
+    for pid in _ns_pids("mn-node1"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{_status(pid)['PPid']}/comm").read_text().strip()
+        except OSError:
+            continue
+        if b"slurm_script" in cmd and f"SLURM_JOB_ID={job_id}".encode() in env and parent == "slurmstepd":
+            return pid
+    raise AssertionError(f"no batch shell of job {job_id} on node1")
+
+
 def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_nodes, mn_env, tiny_shards,
                                                                           tmp_path_factory):
     """One job (1 node x 4 ranks) signalled at each early moment of a start, then left to finish:
@@ -227,7 +289,10 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     start 2: USR1 during preflight: requeued at once, nothing to save;
     start 3: USR1 while the trainer imports (its USR1 still ignored): the re-sent copy reaches its handler
     once installed: checkpoint, exit 75, requeued; start 4 resumes and finishes with the 2-node run's
-    weights (4 ranks on one host vs two hosts)."""
+    weights (4 ranks on one host vs two hosts).
+    Each USR1 is sent with kill(2) to the batch shell, the call slurmstepd makes for `--signal=B:USR1`:
+    kill returns with the signal pending, so it lands in the moment under test however loaded the box
+    (scancel's delivery is asynchronous; the 2-node preemption test uses it)."""
     tmp = tmp_path_factory.mktemp("mn")
     hold, held = tmp / "hold", tmp / "hold.held"
     hold.touch()
@@ -239,11 +304,10 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
                               RMT_TEST_HOLD=str(hold))
 
     def usr1():
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+        os.kill(_batch_shell(job_id), signal.SIGUSR1)
 
     _wait(mn_env, job_id, run_dir, until=lambda j: held.exists())
-    usr1()
-    time.sleep(2)  # slurmd delivers it within ~1 s, while the script still waits for its first command
+    usr1()  # pending now: the shell handles it before its first command returns
     hold.unlink()
     _wait(mn_env, job_id, run_dir, until=lambda j: "start 2 (" in _log(run_dir, job_id)
           and bool(_processes("mn-node1", b"preflight")))
