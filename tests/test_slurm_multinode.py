@@ -381,7 +381,9 @@ def _new_lines(before: dict[int, list], now: dict[int, list]) -> dict[int, list]
 
 def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[int, list[str]]:
     """A 2-node job on run_dir; node2 lost (`how`) once a checkpoint after `since_tag` exists; returns
-    the last complete checkpoint's step and the survivors' error lines (asserted to come in time)."""
+    the last complete checkpoint's step and the survivors' error lines (asserted to come in time).
+    SLURM's view is then checked: node2 `down* Not responding`, the job requeued by SLURM (PENDING,
+    Restarts=1; slurmctld's log says why), the run's job completion record NODE_FAIL."""
     job_id, _ = _submit(env, tmp, f"lost_{how}", shards, nodes=2, tasks_per_node=2, run_dir=run_dir,
                         overrides=LOST_RUN)
 
@@ -389,6 +391,7 @@ def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[in
         latest = run_dir / "checkpoints" / "latest"
         return job["JobState"] == "RUNNING" and latest.exists() and int(latest.read_text()[5:]) > since_tag
 
+    records_before = len(_metrics(run_dir))
     job = _wait(env, job_id, run_dir, until=checkpointed)
     assert job["JobState"] == "RUNNING", _log(run_dir, job_id)
     (_kill_node if how == "killed" else _cut_link)("node2")
@@ -400,16 +403,24 @@ def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[in
             time.sleep(0.5)
             log = _log(run_dir, job_id)
         waited, errors = time.monotonic() - t_lost, re.findall(ended, log, re.M)
-        print(f"node2 {how} after step {lost_step}: survivors ended after {waited:.1f} s: {errors[:1]}")
+        times = [m["time"] for m in _metrics(run_dir)[records_before:]]
+        gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        print(f"node2 {how} after step {lost_step}: survivors ended after {waited:.1f} s: {errors[:1]}; "
+              f"longest gap between metrics records before: {gap:.1f} s")
         assert errors, f"no error from the ranks on node1 within {3 * COLLECTIVE_TIMEOUT_S} s:\n{log}"
         assert waited < COLLECTIVE_TIMEOUT_S + 10, errors
-        if how == "killed":  # SLURM's view, as launch/README.md describes it
-            job = _wait(env, job_id, run_dir, until=lambda j: j["JobState"] in ("PENDING", *FINAL_STATES))
-            job, nodes = _slurm_view(env, job_id)
-            print(f"SLURM after the loss: job {job['JobState']} ({job.get('Reason')}) restarts "
-                  f"{job['Restarts']}; nodes: {nodes}")
-            assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job  # requeued by SLURM itself
-            assert re.search(r"node2 down\S* Not responding", nodes), nodes
+        # SLURM's view, as launch/README.md describes it: node2 down, the job requeued by SLURM itself
+        job = _wait(env, job_id, run_dir, until=lambda j: j["JobState"] in ("PENDING", *FINAL_STATES))
+        job, nodes = _slurm_view(env, job_id)
+        print(f"SLURM {time.monotonic() - t_lost:.0f} s after the loss: job {job['JobState']} "
+              f"({job.get('Reason')}) restarts {job['Restarts']}; nodes: {nodes}")
+        assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job
+        assert re.search(r"node2 down\S* Not responding", nodes), nodes
+        ctl_log = (Path(MN_DIR) / "ctl" / "slurmctld.log").read_text()
+        assert f"requeue job JobId={job_id} due to failure of node node2" in ctl_log
+        runs = [line for line in (Path(MN_DIR) / "ctl" / "jobcomp.log").read_text().splitlines()
+                if line.startswith(f"JobId={job_id} ")]  # the job completion record of each run that ended
+        assert len(runs) == 1 and "JobState=NODE_FAIL" in runs[0] and "NodeList=node[1-2]" in runs[0], runs
         subprocess.run(["scancel", job_id], env=env)
         _wait(env, job_id, run_dir)
     finally:
@@ -427,7 +438,8 @@ LOST_RUN = ["train.max_steps=400", f"train.collective_timeout_s={COLLECTIVE_TIME
 def test_lost_node_cut_then_killed_then_one_node_trains_the_same_samples(two_nodes, mn_env, tiny_shards,
                                                                          tmp_path_factory):
     """node2's link is cut (the survivors' watchdog names the silent peers), the same RUN_DIR resumes on
-    2 nodes, node2 is killed (gloo names its address), then `sbatch --nodes=1` resumes through the
+    2 nodes, node2 is killed (gloo names its address), each time SLURM downs node2 and requeues the job
+    (NODE_FAIL); then `sbatch --nodes=1` resumes through the
     universal checkpoint at the same global batch (2 ranks x 2 micro-batch x 2 accumulation) and
     finishes: the samples of each step, over the three runs, are the uninterrupted run's."""
     tmp = tmp_path_factory.mktemp("mn")
@@ -435,6 +447,7 @@ def test_lost_node_cut_then_killed_then_one_node_trains_the_same_samples(two_nod
     tag_cut, errors = _lose_node2(mn_env, tmp, run_dir, tiny_shards, "link_cut", since_tag=0)
     hung = r"step \d+ .*did not finish.*lost peer\(s\): rank [23] on node2"
     assert any(re.search(hung, e) for e in errors), errors
+    assert not any(re.search(r"rank [01] on node1 \(silent", e) for e in errors), errors  # node1 beat on
     trace_cut = _trace(run_dir)
     tag_kill, errors = _lose_node2(mn_env, tmp, run_dir, tiny_shards, "killed", since_tag=tag_cut)
     assert any(re.search(rf"lost a peer at step \d+ .*{NODE_IP['node2']}", e) for e in errors), errors
