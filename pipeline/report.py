@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,11 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        res = write_report(args.run_dir, args.out)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = write_report(args.run_dir, args.out)
     print(f"report: {res['summary']}")
     for p in res["plots"]:
         print(f"  {p}")
