@@ -5,11 +5,11 @@ accumulation, clipping) and owns its own checkpoint files. A backend is one modu
 that satisfies `Engine` plus the functions the rest of the package calls on it:
 
     build(cfg, model, world_size, device, load_universal) -> Engine
-    init_distributed(rank, world_size, device, timeout_s)     torch.distributed, as the backend wants it
-    checkpoint_layout(cfg) -> dict                         meta.json fields its checkpoint files depend on
-    resume_source(ckpt_dir, tag, meta, cfg, world_size) -> str   the tag to load (converting if needed)
-    consolidated_state_dict(tag_dir) -> dict               fp32 weights of a checkpoint
-    config(cfg, world_size, device_type) -> dict           its own config (train --print-deepspeed-config)
+    init_distributed(rank, world_size, device, timeout_s)   torch.distributed, as the backend wants it
+    checkpoint_layout(cfg) -> dict        the meta.json fields its checkpoint files depend on
+    resume_source(ckpt_dir, tag, meta, cfg, world_size) -> str   the tag to load (converted if needed)
+    consolidated_state_dict(tag_dir) -> dict   fp32 weights of one of its checkpoints
+    config(cfg, world_size, device_type) -> dict   its own config (train --print-deepspeed-config)
 
 Nothing outside this package names a backend module: it asks `backend(cfg)` (tests/test_engines.py
 enforces both that and that only `deepspeed_zero` imports `deepspeed`). Importing this package imports
