@@ -50,7 +50,7 @@ slurm-down:  ## stop the daemons slurm-up started (and cancel the cluster's jobs
 	bash tests/slurm/stop-local-slurm.sh
 
 slurm-mn-up:  ## as root: a 2-node cluster, each slurmd in its own network namespace; then: source /tmp/mn-slurm/env.sh
-	MN_SLURM_CPUS=$${MN_SLURM_CPUS:-4} MN_SLURM_SLURMD_TIMEOUT=$${MN_SLURM_SLURMD_TIMEOUT:-20} bash tests/slurm/start-multinode-slurm.sh 2
+	MN_SLURM_CPUS=$${MN_SLURM_CPUS:-4} MN_SLURM_SLURMD_TIMEOUT=$${MN_SLURM_SLURMD_TIMEOUT:-36} bash tests/slurm/start-multinode-slurm.sh 2
 
 slurm-mn-down:  ## stop the 2-node cluster and remove its namespaces, links and /etc/hosts lines
 	bash tests/slurm/stop-multinode-slurm.sh

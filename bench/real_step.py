@@ -42,11 +42,11 @@ def build_trainer(cfg, model: torch.nn.Module, loader, device: torch.device, ema
     temporary folder (`trainer.output_dir`)."""
     from pipeline.train.build import plan_for
     from pipeline.train.ema import ShardedEma
-    from pipeline.train.engines import deepspeed_zero
+    from pipeline.train.engines import backend
     from pipeline.train.loop import StopFlag, Trainer
     from pipeline.train.losses import build_loss
 
-    engine = deepspeed_zero.build(cfg, model, 1, device)
+    engine = backend(cfg).build(cfg, model, 1, device)
     ema = ShardedEma(engine.module, ema_decay, engine) if ema_decay is not None else None
     output_dir = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     return Trainer(cfg, plan_for(cfg, 1), engine, build_loss(cfg), ema, loader, None, device, output_dir,

@@ -20,6 +20,8 @@
 # shellcheck shell=bash
 
 # The trainer's exit codes (run contract): 0 finished, 75 checkpointed on a signal: requeue me.
+# The source of truth is pipeline/errors.py (EXIT_REQUEUE); tests/test_run_dir.py checks they agree
+# (asking Python here would cost a start-up before PYTHON is even resolved).
 RMT_EXIT_REQUEUE=75
 
 rmt_log() { printf '[launch %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
@@ -89,7 +91,7 @@ rmt_nccl_defaults() {
 # ---- SLURM batch job ------------------------------------------------------------------------------
 
 # SIGUSR1 to the batch shell: remember it, and while the trainer runs send it to the tasks, again every
-# 5 s until the trainer has acted on it (an "end" record in metrics.jsonl since this start) or srun
+# 5 s until the trainer has acted on it (an "end" record in $RMT_METRICS since this start) or srun
 # ends: a task ignores USR1 until Python installs its handler (see rmt_srun), so copies sent in the
 # first seconds of a start are lost; the handler only sets a flag, repeats are harmless. No copy after
 # the "end" record: Python restores the default action while it shuts down, and USR1 would kill it.
@@ -97,7 +99,7 @@ rmt_on_usr1() {
   RMT_EARLY_SIGNAL=1
   if [ "${RMT_SRUN_WHAT:-}" = train ] && [ -n "${RMT_SRUN_PID:-}" ]; then
     rmt_log "SIGUSR1 (time limit or preemption warning): forwarding to the training tasks"
-    ( while ! tail -n +$((RMT_METRICS_AT_START + 1)) "$RUN_DIR/metrics.jsonl" 2>/dev/null | grep -q '"kind": "end"'
+    ( while ! tail -n +$((RMT_METRICS_AT_START + 1)) "$RMT_METRICS" 2>/dev/null | grep -q '"kind": "end"'
       do kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || break; sleep 5; done ) &
   fi
 }
@@ -123,7 +125,7 @@ rmt_requeue_or_stop() { # $1: why
 # handler (an ignored signal stays ignored across exec): a default USR1 would kill it.
 rmt_srun() {
   RMT_SRUN_WHAT=$1
-  RMT_METRICS_AT_START=$(cat "$RUN_DIR/metrics.jsonl" 2>/dev/null | wc -l)
+  RMT_METRICS_AT_START=$(cat "$RMT_METRICS" 2>/dev/null | wc -l)
   local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit="$2" --wait="${SRUN_WAIT:-120}")
   shift 2
   # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
@@ -165,7 +167,9 @@ rmt_slurm_main() {
   rmt_site_setup
   rmt_resolve_settings "${SLURM_GPUS_PER_NODE:-}" "$@"
   local logs
+  # the run dir's layout is Python's (pipeline/train/run_dir.py): asked once per start, never in a loop
   logs=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" logs) || rmt_fail "$PYTHON -m pipeline run-dir failed"
+  RMT_METRICS=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" metrics) || rmt_fail "$PYTHON -m pipeline run-dir failed"
   mkdir -p "$logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
   # Everything below also goes to the run dir (the #SBATCH --output file cannot name it).
   exec > >(tee -a "$logs/slurm-$SLURM_JOB_ID.out") 2>&1

@@ -46,7 +46,8 @@ def test_color_jitter_is_refused_on_the_device_path_and_auto_picks_cpu_for_it():
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_random_interpolation_is_drawn_per_sample_from_its_key(tiny_shards, decode):
     """data.interpolation=random: each entry's mode comes from its crop key (the same on every call, so
-    resume stays exact), and its image is the bilinear or the bicubic run's image of that entry."""
+    resume stays exact), and its image is the bilinear or the bicubic run's image of that entry, which
+    differ for every entry (the crop resize and RandAugment's geometric ops follow data.interpolation)."""
     import torch
 
     from pipeline.data.load.loader import TrainLoader
@@ -70,5 +71,6 @@ def test_random_interpolation_is_drawn_per_sample_from_its_key(tiny_shards, deco
         drawn = params.draw(0, i, r, [1] * len(i), [1] * len(i)).modes  # the mode does not use the size
         for j, mode in enumerate(drawn):
             assert torch.equal(x[j], (xl if mode == "bilinear" else xc)[j]), (j, mode)
+            assert not torch.equal(xl[j], xc[j]), j
             seen.add(mode)
     assert seen == {"bilinear", "bicubic"}

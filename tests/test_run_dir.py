@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline.train.run_dir import RunDir
 
@@ -25,3 +27,17 @@ def test_the_launcher_gets_paths_and_the_resume_point(tmp_path):
     RunDir(run).latest.write_text("step_00000008\n")
     assert run_dir_cli(str(run), "resume-point") == str(run / "checkpoints" / "step_00000008")
     assert RunDir(run).is_run_dir() and not RunDir(tmp_path).is_run_dir()
+
+
+def test_the_launchers_spell_no_run_dir_path_and_share_the_requeue_code():
+    """launch/*.sh ask `run-dir` for paths inside RUN_DIR, and their requeue code is errors.EXIT_REQUEUE."""
+    from pipeline.errors import EXIT_REQUEUE
+
+    launch = Path(__file__).resolve().parents[1] / "launch"
+    scripts = sorted(launch.glob("*.sh"))
+    assert launch / "common.sh" in scripts
+    spelled = [f"{p.name}:{n}" for p in scripts for n, line in enumerate(p.read_text().splitlines(), 1)
+               if re.search(r"\$\{?RUN_DIR\}?/", line)]
+    assert spelled == [], f"ask `python -m pipeline run-dir RUN_DIR PART` instead: {spelled}"
+    requeue = re.findall(r"^RMT_EXIT_REQUEUE=(\d+)$", (launch / "common.sh").read_text(), re.M)
+    assert requeue == [str(EXIT_REQUEUE)]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from test_slurm import (
     FINAL_STATES,
     OVERRIDES,
     SCRIPT,
+    _cluster_up,
     _final_state,
     _job,
     _log,
@@ -47,7 +49,14 @@ MAX_STEPS = 16
 STEPS = [f"train.max_steps={MAX_STEPS}", "train.eval_every_epochs=2", "data.trace=true"]
 GLOBAL_BATCH = 8  # OVERRIDES' train.global_batch
 NODE_IP = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
-COLLECTIVE_TIMEOUT_S = 15  # below what SLURM needs to call a silent node dead here (~25 s)
+# A cut link: the ranks on node1 must end by their watchdog, which fires COLLECTIVE_TIMEOUT_S plus at most
+# one heartbeat period (a fifth of it) after the hung phase began (15-18 s here), before SLURM calls node2
+# dead and kills the job. slurmctld pings a node every SlurmdTimeout/3 s when its last answer is older than
+# that, and downs it at the first ping cycle that finds the last answer older than SlurmdTimeout as of the
+# cycle before: 2/3 to 5/3 x SlurmdTimeout after the loss (src/slurmctld/ping_nodes.c), 24-60 s with 36.
+# A healthy phase (a step, a save, an evaluation) took at most 0.3 s here (the test prints the longest).
+COLLECTIVE_TIMEOUT_S = 15
+SLURMD_TIMEOUT_S = 36
 
 
 def _start(env: dict[str, str]) -> None:
@@ -58,11 +67,13 @@ def _start(env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="session")
 def mn_env():
-    """Environment for sbatch/scontrol against the 2-node cluster (4 CPUs per node: 4 ranks fit on one)."""
-    env = dict(os.environ, MN_SLURM_DIR=MN_DIR, MN_SLURM_CPUS="4", MN_SLURM_SLURMD_TIMEOUT="20",
-               SLURM_CONF=os.path.join(MN_DIR, "slurm.conf"))
-    if os.geteuid() != 0:
-        pytest.skip("the multi-node SLURM tests create network namespaces: run them as root")
+    """Environment for sbatch/scontrol against the 2-node cluster (4 CPUs per node: 4 ranks fit on one).
+    The start script installs SLURM and munge when they are missing, so this file also runs alone."""
+    env = dict(os.environ, MN_SLURM_DIR=MN_DIR, MN_SLURM_CPUS="4",
+               MN_SLURM_SLURMD_TIMEOUT=str(SLURMD_TIMEOUT_S), SLURM_CONF=os.path.join(MN_DIR, "slurm.conf"))
+    if os.geteuid() != 0:  # like the one-node tests without a cluster: fail, saying what to do
+        pytest.fail("the multi-node SLURM tests need root (they create network namespaces, kill a node's "
+                    "processes, cut its link): run `sudo make slurm-test`, or deselect them: -m 'not slurm'")
     with open(LOCK, "w") as lock:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -73,8 +84,7 @@ def mn_env():
                 if time.monotonic() > deadline:
                     pytest.fail(f"another test session held {LOCK} for {LOCK_WAIT_S} s")
                 time.sleep(2)
-        ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True)
-        was_up = ping.returncode == 0 and "UP" in ping.stdout
+        was_up = _cluster_up(env)  # False also when SLURM is not installed yet
         _start(env)
         try:
             yield env
@@ -152,14 +162,31 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
 
     job = _wait(mn_env, job_id, run_dir, until=training)
     assert job["JobState"] == "RUNNING", _log(run_dir, job_id)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+    # The ranks are held (SIGSTOP) while the signal travels (scancel -> batch shell -> srun -> each node's
+    # slurmstepd -> task), until it is pending in all four: however slow the box, it cannot arrive after
+    # the last step; then they go on and act on it.
+    ranks = _trainers(run_dir)
+    assert len(ranks) == 4, ranks
+    _hold(ranks)
+    try:
+        stopped_at = _train_steps(run_dir)[-1]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+        deadline = time.monotonic() + 60
+        while (states := [_usr1(pid) for pid in ranks]) != ["pending"] * 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+    assert states == ["pending"] * 4, f"SIGUSR1 of the ranks {ranks} after 60 s: {states}"
     job = _wait(mn_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "requeuing job" in log and "start 2 (requeued 1 times" in log, log
     ends = [m for m in _metrics(run_dir) if m["kind"] == "end"]
     assert [e["reason"] for e in ends] == ["signal", "finished"], ends
-    assert 2 <= ends[0]["step"] < MAX_STEPS and ends[1]["step"] == MAX_STEPS
+    # stopped within the step in progress or the next (a rank may already be in its stop vote)
+    assert stopped_at < ends[0]["step"] <= stopped_at + 2 < MAX_STEPS, (stopped_at, ends)
+    assert ends[1]["step"] == MAX_STEPS
     # every rank on both nodes stopped at that step: the 4-rank start 2 resumed from its checkpoint
     # (checkpoint.keep=2 has removed it since), and the end state matches
     assert f"resume from: {run_dir}/checkpoints/step_{ends[0]['step']:08d}" in log
@@ -172,21 +199,50 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
     assert not differ, f"{len(differ)} tensors differ (largest {largest:g}), e.g. {differ[:5]}"
 
 
-def _trainer_usr1(run_dir: Path) -> list[str]:
-    """For each running trainer task of this run: 'ignored', 'caught' or 'default' (its SIGUSR1 state)."""
-    states = []
+def _trainers(run_dir: Path) -> list[int]:
+    """PIDs of the running trainer tasks of this run, on every node."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            status = (proc / "status").read_text()
-        except (OSError, ValueError):
+        except OSError:
             continue
-        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and cmd[0].endswith(b"python"):
-            masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Sig"))
-            bit = 1 << (10 - 1)  # SIGUSR1 = 10
-            states.append("caught" if int(masks["SigCgt"], 16) & bit else
-                          "ignored" if int(masks["SigIgn"], 16) & bit else "default")
+        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and \
+                os.fsdecode(cmd[0]).rsplit("/", 1)[-1].startswith("python"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _usr1(pid: int) -> str:
+    """The process's SIGUSR1: 'pending' (sent, not yet handled), else 'caught', 'ignored' or 'default'."""
+    status, bit = _status(pid), 1 << (signal.SIGUSR1 - 1)
+    return next((name for key, name in (("ShdPnd", "pending"), ("SigPnd", "pending"), ("SigCgt", "caught"),
+                                        ("SigIgn", "ignored")) if int(status[key], 16) & bit), "default")
+
+
+def _trainer_usr1(run_dir: Path) -> list[str]:
+    states = []
+    for pid in _trainers(run_dir):
+        try:
+            states.append(_usr1(pid))
+        except OSError:  # ended meanwhile
+            pass
     return states
+
+
+def _hold(pids: list[int]) -> None:
+    """SIGSTOP the processes and wait until every one is stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while any(_status(pid)["State"][0] != "T" for pid in pids):
+        assert time.monotonic() < deadline, f"{pids} not all stopped after 30 s"
+        time.sleep(0.05)
 
 
 def _processes(ns: str, word: bytes) -> list[int]:
@@ -211,6 +267,21 @@ exec {real} "$@"
 """
 
 
+def _batch_shell(job_id: str) -> int:
+    """PID of the job's batch shell: the process running its script (slurm_script) whose parent is a
+    slurmstepd (a subshell of the script has the same command line, but the script as its parent)."""
+    for pid in _ns_pids("mn-node1"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{_status(pid)['PPid']}/comm").read_text().strip()
+        except OSError:
+            continue
+        if b"slurm_script" in cmd and f"SLURM_JOB_ID={job_id}".encode() in env and parent == "slurmstepd":
+            return pid
+    raise AssertionError(f"no batch shell of job {job_id} on node1")
+
+
 def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_nodes, mn_env, tiny_shards,
                                                                           tmp_path_factory):
     """One job (1 node x 4 ranks) signalled at each early moment of a start, then left to finish:
@@ -218,7 +289,10 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     start 2: USR1 during preflight: requeued at once, nothing to save;
     start 3: USR1 while the trainer imports (its USR1 still ignored): the re-sent copy reaches its handler
     once installed: checkpoint, exit 75, requeued; start 4 resumes and finishes with the 2-node run's
-    weights (4 ranks on one host vs two hosts)."""
+    weights (4 ranks on one host vs two hosts).
+    Each USR1 is sent with kill(2) to the batch shell, the call slurmstepd makes for `--signal=B:USR1`:
+    kill returns with the signal pending, so it lands in the moment under test however loaded the box
+    (scancel's delivery is asynchronous; the 2-node preemption test uses it)."""
     tmp = tmp_path_factory.mktemp("mn")
     hold, held = tmp / "hold", tmp / "hold.held"
     hold.touch()
@@ -230,11 +304,10 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
                               RMT_TEST_HOLD=str(hold))
 
     def usr1():
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
+        os.kill(_batch_shell(job_id), signal.SIGUSR1)
 
     _wait(mn_env, job_id, run_dir, until=lambda j: held.exists())
-    usr1()
-    time.sleep(2)  # slurmd delivers it within ~1 s, while the script still waits for its first command
+    usr1()  # pending now: the shell handles it before its first command returns
     hold.unlink()
     _wait(mn_env, job_id, run_dir, until=lambda j: "start 2 (" in _log(run_dir, job_id)
           and bool(_processes("mn-node1", b"preflight")))
@@ -308,7 +381,9 @@ def _new_lines(before: dict[int, list], now: dict[int, list]) -> dict[int, list]
 
 def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[int, list[str]]:
     """A 2-node job on run_dir; node2 lost (`how`) once a checkpoint after `since_tag` exists; returns
-    the last complete checkpoint's step and the survivors' error lines (asserted to come in time)."""
+    the last complete checkpoint's step and the survivors' error lines (asserted to come in time).
+    SLURM's view is then checked: node2 `down* Not responding`, the job requeued by SLURM (PENDING,
+    Restarts=1; slurmctld's log says why), the run's job completion record NODE_FAIL."""
     job_id, _ = _submit(env, tmp, f"lost_{how}", shards, nodes=2, tasks_per_node=2, run_dir=run_dir,
                         overrides=LOST_RUN)
 
@@ -316,6 +391,7 @@ def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[in
         latest = run_dir / "checkpoints" / "latest"
         return job["JobState"] == "RUNNING" and latest.exists() and int(latest.read_text()[5:]) > since_tag
 
+    records_before = len(_metrics(run_dir))
     job = _wait(env, job_id, run_dir, until=checkpointed)
     assert job["JobState"] == "RUNNING", _log(run_dir, job_id)
     (_kill_node if how == "killed" else _cut_link)("node2")
@@ -327,16 +403,24 @@ def _lose_node2(env, tmp, run_dir, shards, how: str, since_tag: int) -> tuple[in
             time.sleep(0.5)
             log = _log(run_dir, job_id)
         waited, errors = time.monotonic() - t_lost, re.findall(ended, log, re.M)
-        print(f"node2 {how} after step {lost_step}: survivors ended after {waited:.1f} s: {errors[:1]}")
+        times = [m["time"] for m in _metrics(run_dir)[records_before:]]
+        gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        print(f"node2 {how} after step {lost_step}: survivors ended after {waited:.1f} s: {errors[:1]}; "
+              f"longest gap between metrics records before: {gap:.1f} s")
         assert errors, f"no error from the ranks on node1 within {3 * COLLECTIVE_TIMEOUT_S} s:\n{log}"
         assert waited < COLLECTIVE_TIMEOUT_S + 10, errors
-        if how == "killed":  # SLURM's view, as launch/README.md describes it
-            job = _wait(env, job_id, run_dir, until=lambda j: j["JobState"] in ("PENDING", *FINAL_STATES))
-            job, nodes = _slurm_view(env, job_id)
-            print(f"SLURM after the loss: job {job['JobState']} ({job.get('Reason')}) restarts "
-                  f"{job['Restarts']}; nodes: {nodes}")
-            assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job  # requeued by SLURM itself
-            assert re.search(r"node2 down\S* Not responding", nodes), nodes
+        # SLURM's view, as launch/README.md describes it: node2 down, the job requeued by SLURM itself
+        job = _wait(env, job_id, run_dir, until=lambda j: j["JobState"] in ("PENDING", *FINAL_STATES))
+        job, nodes = _slurm_view(env, job_id)
+        print(f"SLURM {time.monotonic() - t_lost:.0f} s after the loss: job {job['JobState']} "
+              f"({job.get('Reason')}) restarts {job['Restarts']}; nodes: {nodes}")
+        assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job
+        assert re.search(r"node2 down\S* Not responding", nodes), nodes
+        ctl_log = (Path(MN_DIR) / "ctl" / "slurmctld.log").read_text()
+        assert f"requeue job JobId={job_id} due to failure of node node2" in ctl_log
+        runs = [line for line in (Path(MN_DIR) / "ctl" / "jobcomp.log").read_text().splitlines()
+                if line.startswith(f"JobId={job_id} ")]  # the job completion record of each run that ended
+        assert len(runs) == 1 and "JobState=NODE_FAIL" in runs[0] and "NodeList=node[1-2]" in runs[0], runs
         subprocess.run(["scancel", job_id], env=env)
         _wait(env, job_id, run_dir)
     finally:
@@ -354,7 +438,8 @@ LOST_RUN = ["train.max_steps=400", f"train.collective_timeout_s={COLLECTIVE_TIME
 def test_lost_node_cut_then_killed_then_one_node_trains_the_same_samples(two_nodes, mn_env, tiny_shards,
                                                                          tmp_path_factory):
     """node2's link is cut (the survivors' watchdog names the silent peers), the same RUN_DIR resumes on
-    2 nodes, node2 is killed (gloo names its address), then `sbatch --nodes=1` resumes through the
+    2 nodes, node2 is killed (gloo names its address), each time SLURM downs node2 and requeues the job
+    (NODE_FAIL); then `sbatch --nodes=1` resumes through the
     universal checkpoint at the same global batch (2 ranks x 2 micro-batch x 2 accumulation) and
     finishes: the samples of each step, over the three runs, are the uninterrupted run's."""
     tmp = tmp_path_factory.mktemp("mn")
@@ -362,6 +447,7 @@ def test_lost_node_cut_then_killed_then_one_node_trains_the_same_samples(two_nod
     tag_cut, errors = _lose_node2(mn_env, tmp, run_dir, tiny_shards, "link_cut", since_tag=0)
     hung = r"step \d+ .*did not finish.*lost peer\(s\): rank [23] on node2"
     assert any(re.search(hung, e) for e in errors), errors
+    assert not any(re.search(r"rank [01] on node1 \(silent", e) for e in errors), errors  # node1 beat on
     trace_cut = _trace(run_dir)
     tag_kill, errors = _lose_node2(mn_env, tmp, run_dir, tiny_shards, "killed", since_tag=tag_cut)
     assert any(re.search(rf"lost a peer at step \d+ .*{NODE_IP['node2']}", e) for e in errors), errors

@@ -3,12 +3,14 @@ conversion, restoring every stateful object), retention.
 
 Layout of `<output_dir>/checkpoints/`:
 
-    step_00000120/                 DeepSpeed's files (module, ZeRO optimizer partitions, client state)
+    step_00000120/                 the engine's files (DeepSpeed: module, ZeRO optimizer partitions,
+                                   client state)
         trainer_rank00000.pt ...   per rank: loader state and RNG states
         ema.pt                     consolidated fp32 EMA (rank 0)
         config.yaml                the config these weights were trained with (eval/export read it)
         meta.json                  written last by rank 0, after every rank finished: the "complete" mark;
-                                   lists every file above with its size and sha256, and the run id
+                                   lists every file above with its size and sha256, the run id, and
+                                   the engine's layout (`checkpoint_layout`: DeepSpeed's zero_stage)
     step_00000120_universal/       DeepSpeed universal checkpoint, made when resuming at another world size
     step_00000124.damaged/         a checkpoint found damaged at resume, set aside (never deleted, never
                                    counted by `checkpoint.keep`)
@@ -43,6 +45,7 @@ from pipeline.train.config import (
     fingerprint_parts,
     save_config,
 )
+from pipeline.train.engines import backend
 from pipeline.train.run_dir import CONFIG_FILE, LATEST
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -227,7 +230,7 @@ def save(engine, ckpt_dir: Path, step: int, cfg: Config, state: dict, run_id: st
     records = {k: v for part in shares for k, v in part.items()}
     if rank == 0:
         meta = {"tag": tag, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "zero_stage": cfg.deepspeed.zero_stage, "fingerprint": fingerprint(cfg),
+                **backend(cfg).checkpoint_layout(cfg), "fingerprint": fingerprint(cfg),
                 "fingerprint_parts": fingerprint_parts(cfg), "time": time.time(), "run_id": run_id,
                 "files": records, **meta_extra}
         _atomic_write_text(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True))
@@ -284,14 +287,12 @@ class Resume:
 def prepare_resume(ckpt_dir: Path, cfg: Config, world_size: int, log) -> Resume | None:
     """Collective, before the engine is built: the newest verified checkpoint, checked against `cfg`
     and converted for this world size when needed; None for a fresh start."""
-    from pipeline.train.engines import deepspeed_zero as backend
-
     tag = choose_resume(ckpt_dir, log)
     if tag is None:
         return None
     meta = read_meta(ckpt_dir / tag)
     check_compatible(meta, cfg, ckpt_dir / tag)
-    return Resume(tag, meta, backend.resume_source(ckpt_dir, tag, meta, cfg, world_size))
+    return Resume(tag, meta, backend(cfg).resume_source(ckpt_dir, tag, meta, cfg, world_size))
 
 
 def restore(engine, ckpt_dir: Path, resume: Resume, trainer) -> None:

@@ -103,7 +103,7 @@ def choose_device(kind: str, local_rank: int) -> torch.device:
 
 def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
     """Initialise torch.distributed through the engine backend (nccl on CUDA, gloo on CPU) with a timeout."""
-    from pipeline.train.engines.deepspeed_zero import init_distributed
+    from pipeline.train.engines import backend
 
     os.environ.update({
         "RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size),
@@ -113,7 +113,7 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
     # a dead peer must end the job, not hang it
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     try:
-        init_distributed(dist_env.rank, dist_env.world_size, device, timeout_s)
+        backend().init_distributed(dist_env.rank, dist_env.world_size, device, timeout_s)
     except RuntimeError as e:
         if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
             raise DistributedSetupError(

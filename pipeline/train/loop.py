@@ -2,7 +2,8 @@
 evaluation, checkpoint triggers, signals and guard rails.
 
 Where training stands is the train loader's position (epoch, samples seen) plus the count of optimizer
-steps; the micro-batch index, the LR and the epoch boundary are derived from it (`Position.of`).
+steps; the micro-batch index, the LR and the epoch boundary are derived from it (`Position`), at save
+and at resume alike: checkpoints keep the loader's state, never a second copy of the position.
 Determinism (exact resume): before every micro-step the torch RNG is reseeded from
 (seed, optimizer step, micro-step, rank), so DropPath and anything else drawing from torch's RNG
 depends only on the position in training, never on what ran before in this process. Augmentation
@@ -123,17 +124,22 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass(frozen=True)
 class Position:
-    """Where an epoch stands, derived from the train loader (its epoch and samples seen): never counted."""
+    """Where an epoch stands, derived from the train loader's (epoch, samples seen): never counted."""
     epoch: int
     micro_in_epoch: int  # micro-batches done in `epoch`, at this world size and micro-batch
 
+    @staticmethod
+    def micro_batches(samples_seen: int, plan: BatchPlan) -> int:
+        """Micro-batches that `samples_seen` samples of an epoch (all ranks together) make under `plan`."""
+        return samples_seen // (plan.world_size * plan.micro_batch)
+
     @classmethod
-    def of(cls, loader, plan: BatchPlan, steps_per_epoch: int) -> Position:
+    def of(cls, epoch: int, samples_seen: int, plan: BatchPlan, steps_per_epoch: int) -> Position:
         """An epoch whose steps are all done counts as the next one, at its start."""
-        micro = loader.samples_seen // (plan.world_size * plan.micro_batch)
+        micro = cls.micro_batches(samples_seen, plan)
         if micro >= steps_per_epoch * plan.grad_accum:
-            return cls(loader.epoch + 1, 0)
-        return cls(loader.epoch, micro)
+            return cls(epoch + 1, 0)
+        return cls(epoch, micro)
 
 
 @dataclass
@@ -215,33 +221,37 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
     def position(self) -> Position:
-        return Position.of(self.train_loader, self.plan, self.steps_per_epoch)
+        return Position.of(self.train_loader.epoch, self.train_loader.samples_seen, self.plan,
+                           self.steps_per_epoch)
 
     # ---- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Collective (the EMA is gathered): `client` goes into the engine's files, `rank` into this rank's
-        trainer file, `ema` (consolidated) into ema.pt."""
-        pos = self.position()
-        position = {"step": self.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
-                    "world_size": self.world, "micro_batch": self.plan.micro_batch}
+        trainer file, `ema` (consolidated) into ema.pt. Where the epoch stands is the loader's state only.
+
+        `client["position"]` keeps its name (and earlier checkpoints' extra fields, ignored) so that
+        every checkpoint loads."""
+        position = {"step": self.step, "world_size": self.world}
         return {"client": {"position": position, "best": self.best.state},
                 "rank": {"loader": self.train_loader.state_dict(), "rng": rng_state()},
                 "ema": self.ema.full_state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        old = state["client"]["position"]
-        self.step = old["step"]
+        saved = state["client"]["position"]
+        self.step = saved["step"]
         self.best.state = dict(state["client"].get("best", {}))
-        if old["micro_in_epoch"]:  # mid-epoch: the loader continues from the exact sample
-            self.train_loader.load_state_dict(state["rank"]["loader"])
+        loader = state["rank"]["loader"]
+        pos = Position.of(loader["epoch"], loader["samples_seen"], self.plan, self.steps_per_epoch)
+        if loader["samples_seen"] and pos.epoch == loader["epoch"]:  # mid-epoch: continue at its sample
+            self.train_loader.load_state_dict(loader)
             if self.train_loader.samples_seen % self.plan.global_batch:
                 raise ConfigError(f"the checkpoint stopped after {self.train_loader.samples_seen} samples of "
-                                  f"epoch {old['epoch']}, not a whole number of train.global_batch="
+                                  f"epoch {pos.epoch}, not a whole number of train.global_batch="
                                   f"{self.plan.global_batch} steps: resume with the global batch it was "
                                   f"made with")
-        else:
-            self.train_loader.set_epoch(old["epoch"])
-        if old["world_size"] == self.world:
+        else:  # at an epoch's start (an epoch whose steps are all done counts as the next one)
+            self.train_loader.set_epoch(pos.epoch)
+        if saved["world_size"] == self.world:
             set_rng_state(state["rank"]["rng"])
         if self.ema is not None:
             if state["ema"] is None:
@@ -260,10 +270,9 @@ class Trainer:
         if not self._params_finite():
             raise TrainingError(f"non-finite weights at step {self.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
-        state = self.state_dict()
-        pos = state["client"]["position"]
-        return ckpt.save(self.engine, self.ckpt_dir, self.step, self.cfg, state, self.run_id,
-                         {"epoch": pos["epoch"], "micro_in_epoch": pos["micro_in_epoch"]})
+        pos = self.position()  # in meta.json for people (and tests): derived, never read back
+        return ckpt.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.state_dict(), self.run_id,
+                         {"epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch})
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -286,7 +295,7 @@ class Trainer:
 
         A per-batch device transform (e.g. decoding on the device) belongs before `self.engine(...)`."""
         epoch = self.train_loader.epoch
-        micro = self.train_loader.samples_seen // (self.world * self.plan.micro_batch) - 1  # this batch
+        micro = Position.micro_batches(self.train_loader.samples_seen, self.plan) - 1  # this batch
         if micro % self.accum == 0:  # the first micro-batch of an update
             lr = self._set_lr(epoch, micro)
             if self.trace is not None:

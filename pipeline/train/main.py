@@ -34,14 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.train import checkpoint as ckpt
-    from pipeline.train import distributed
+    from pipeline.train import distributed, engines
     from pipeline.train.build import build_model, plan_for, plan_line
     from pipeline.train.config import ConfigError, load_config
-    from pipeline.train.engines import deepspeed_zero as backend
     from pipeline.train.loop import StopFlag, Trainer
     from pipeline.train.losses import build_loss
 
     cfg = load_config(args.config, args.overrides)
+    backend = engines.backend(cfg)
     env = distributed.detect()
     device = distributed.choose_device(cfg.train.device, env.local_rank)
     if args.print_deepspeed_config:

@@ -20,7 +20,6 @@ import datetime
 import os
 import socket
 import statistics
-import sys
 import time
 
 import torch
@@ -29,7 +28,11 @@ from pipeline.errors import PipelineError
 
 
 class UnreachableError(PipelineError):
-    """A rank cannot reach rank 0 (or rank 0 does not hear from it) within the check-in deadline."""
+    """A rank cannot reach rank 0 (or rank 0 does not hear from it) within the check-in deadline; the
+    message starts with `preflight:`, so the job's log says which step failed."""
+
+    def __init__(self, message: str):
+        super().__init__(f"preflight: {message}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +140,7 @@ def report(rows: list[dict], slow_fraction: float) -> list[str]:
     return lines
 
 
-def _preflight(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from pipeline.train import distributed
@@ -164,11 +167,3 @@ def _preflight(args: argparse.Namespace) -> int:
     if env.rank == 0:
         print("\n".join(report(rows, args.slow_fraction)), flush=True)
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _preflight(args)
-    except PipelineError as e:
-        print(f"error: preflight: {e}", file=sys.stderr, flush=True)
-        return e.exit_code

@@ -21,7 +21,7 @@ from pipeline.train.run_dir import RunDir
 @dataclass
 class Source:
     """What a --checkpoint / export argument points to."""
-    kind: str  # "deepspeed" | "file"
+    kind: str  # "checkpoint" (a tag dir of the engine's files) | "file"
     path: Path  # tag dir, or the weights file
     config_path: Path | None
 
@@ -52,7 +52,7 @@ def resolve_source(arg: str, config: str | None = None) -> Source:
     cfg_path = Path(config) if config else (own if own.is_file() else RunDir(run_dir).config)
     if not cfg_path.is_file():
         raise CheckpointError(f"no config for '{p}': {cfg_path} is missing; pass --config")
-    return Source("deepspeed", tag_dir, cfg_path)
+    return Source("checkpoint", tag_dir, cfg_path)
 
 
 def consolidated_weights(source: Source, ema: bool, cfg: Config) -> dict[str, torch.Tensor]:
@@ -66,9 +66,9 @@ def consolidated_weights(source: Source, ema: bool, cfg: Config) -> dict[str, to
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{source.path}' has no EMA ({EMA_FILE}): drop --ema")
         return torch.load(path, map_location="cpu", weights_only=True)
-    from pipeline.train.engines.deepspeed_zero import consolidated_state_dict
+    from pipeline.train.engines import backend
 
-    return consolidated_state_dict(source.path)
+    return backend(cfg).consolidated_state_dict(source.path)
 
 
 def build_checked(cfg: Config, state: dict[str, torch.Tensor], origin: Path) -> torch.nn.Module:

@@ -22,7 +22,6 @@ import gzip
 import io
 import math
 import os
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,13 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layouts = LAYOUTS if "all" in args.layouts else tuple(args.layouts)
-    try:
-        fake = write(args.out, layouts, num_classes=args.classes, train_per_class=args.train_per_class,
-                     val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side,
-                     quirks=not args.no_quirks, bad=args.bad, seed=args.seed)
-    except sources.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    fake = write(args.out, layouts, num_classes=args.classes, train_per_class=args.train_per_class,
+                 val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side,
+                 quirks=not args.no_quirks, bad=args.bad, seed=args.seed)
     counts = ", ".join(f"{len(s)} {split}" for split, s in fake.samples.items())
     print(f"fake ImageNet: {len(fake.classes)} classes, {counts} images in {', '.join(layouts)} "
           f"under {fake.root}")

@@ -23,7 +23,6 @@ import argparse
 import errno
 import fcntl
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -381,13 +380,9 @@ def run(args: argparse.Namespace) -> int:
     ffcv = {"write_mode": args.ffcv_write_mode, "max_resolution": args.ffcv_max_resolution or None,
             "jpeg_quality": args.ffcv_jpeg_quality, "compress_probability": args.ffcv_compress_probability,
             "page_size": args.ffcv_page_size}
-    try:
-        write_shards(args.src, args.out, formats=args.formats, workers=args.workers, seed=args.seed,
-                     shard_bytes=int(args.shard_bytes), max_side=args.max_side, quality=args.quality,
-                     ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress,
-                     labels=args.labels)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    write_shards(args.src, args.out, formats=args.formats, workers=args.workers, seed=args.seed,
+                 shard_bytes=int(args.shard_bytes), max_side=args.max_side, quality=args.quality,
+                 ffcv=ffcv, classes=args.classes, allow_bad=args.allow_bad, progress=not args.no_progress,
+                 labels=args.labels)
     print(f"shards: wrote {manifest.path(args.out)}")
     return 0

@@ -106,6 +106,11 @@ class ParamSource:
         modes = tuple(RANDOM_MODES[int(u >= 0.5)] for u in us[:, 23]) if self.random_mode else ()
         return TrainParams(boxes, us[:, 22] < self.hflip, ops, args, keys, modes)
 
+    def modes(self, p: TrainParams) -> list[str]:
+        """Each entry's interpolation ("bilinear" | "bicubic") of the crop resize and RandAugment's
+        geometric ops: its drawn mode with data.interpolation=random, else data.interpolation."""
+        return list(p.modes) if p.modes else [self.augment.mode] * len(p.flips)
+
     def apply_pil(self, img: Image.Image, flip: bool, ops, args, mode: str | None = None) -> Image.Image:
         """Flip + RandAugment of one crop with timm's PIL ops, from drawn parameters (no random draws);
         `mode` overrides the geometric ops' interpolation (data.interpolation=random)."""

@@ -8,8 +8,10 @@ Ops (uint8 between ops, as PIL):
 - RandAugment: lookup-table ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd)
   build PIL's tables per sample and channel, so they are bit-exact; blend ops (Color, Contrast,
   Brightness, Sharpness) use PIL's degenerate images and float32 blend with truncation; affine ops
-  (Rotate, ShearX/Y, TranslateX/YRel) are one batched `grid_sample` over PIL's inverse matrices
-  (pixel centres, fill outside, border neighbours), bicubic a=-0.75 where PIL's transform uses a=-1.
+  (Rotate, ShearX/Y, TranslateX/YRel) are one batched `grid_sample` per interpolation mode over PIL's
+  inverse matrices (pixel centres, fill outside, border neighbours, truncated to uint8 as PIL), in each
+  sample's own mode (`TrainParams.modes`, else data.interpolation) as the CPU path's timm ops; bilinear
+  is PIL's filter, bicubic uses a=-0.75 where PIL's transform uses a=-1.
 Chosen over kornia: kornia's functional ops take per-sample tensors too, but its equalize,
 autocontrast and posterize are float reimplementations that do not match PIL's tables.
 """
@@ -74,11 +76,15 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int, mode: str | list[str] = "bicubic"):
+def per_sample(mode, n: int) -> list[str]:
+    """`mode` ("bilinear" | "bicubic", or a sequence of them) as one mode per sample of n."""
+    return [mode] * n if isinstance(mode, str) else list(mode)
+
+
+def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int, mode="bicubic"):
     """(B, 3, size, size) uint8 of each image's (top, left, h, w) box; `mode`: one, or one per image."""
-    modes = [mode] * len(images) if isinstance(mode, str) else mode
-    return torch.stack([_resize(x[:, t:t + h, l:l + w], (size, size), m)
-                        for x, (t, l, h, w), m in zip(images, boxes.tolist(), modes, strict=True)])
+    return torch.stack([_resize(x[:, t:t + h, l:l + w], (size, size), m) for x, (t, l, h, w), m
+                        in zip(images, boxes.tolist(), per_sample(mode, len(images)), strict=True)])
 
 
 def val_resize_crop(images: list[torch.Tensor], size: int, crop_pct: float, mode: str = "bicubic"):
@@ -174,7 +180,8 @@ def _affine_matrices(names: list[str], args: torch.Tensor, h: int, w: int) -> to
     return m
 
 
-def _affine(names: list[str], x: torch.Tensor, args: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def _affine(names: list[str], x: torch.Tensor, args: torch.Tensor, fill: torch.Tensor, mode: str):
+    """Affine ops `names` with arguments `args` (n,) on x (n, 3, H, W) uint8, one `grid_sample` in `mode`."""
     n, _, h, w = x.shape
     m = _affine_matrices(names, args, h, w).to(x.device)
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
@@ -183,25 +190,28 @@ def _affine(names: list[str], x: torch.Tensor, args: torch.Tensor, fill: torch.T
     src = (base @ m.transpose(1, 2)).view(n, h, w, 2)
     outside = (src[..., 0] < 0) | (src[..., 0] >= w) | (src[..., 1] < 0) | (src[..., 1] >= h)
     grid = torch.stack([src[..., 0] * 2 / w - 1, src[..., 1] * 2 / h - 1], -1).float()
-    y = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    y = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
     y = torch.where(outside.unsqueeze(1), fill.view(1, 3, 1, 1).float(), y)
-    return y.round_().clamp_(0, 255).to(torch.uint8)
+    return y.clamp_(0, 255).trunc_().to(torch.uint8)  # PIL's filters truncate too
 
 
-def rand_augment(x: torch.Tensor, ops: np.ndarray, args: np.ndarray, op_names, fill) -> torch.Tensor:
-    """Apply each sample's RandAugment layers (ops, args from `aug_params`) to x (B, 3, S, S) uint8."""
+def rand_augment(x: torch.Tensor, ops: np.ndarray, args: np.ndarray, op_names, fill, modes) -> torch.Tensor:
+    """Apply each sample's RandAugment layers (ops, args from `aug_params`) to x (B, 3, S, S) uint8; the
+    affine ops interpolate with `modes` ("bilinear" | "bicubic": one, or one per sample)."""
     x = x.clone()
     fill = torch.as_tensor(fill, device=x.device)
+    modes = per_sample(modes, len(x))
     for layer in range(ops.shape[1]):
         groups: dict[str, list[int]] = {}
         for j, i in enumerate(ops[:, layer].tolist()):
             if i >= 0:
                 groups.setdefault(op_names[i], []).append(j)
         affine = [j for name, js in groups.items() if name in _AFFINE_OPS for j in js]
-        if affine:
-            names = [op_names[ops[j, layer]] for j in affine]
-            sel = torch.as_tensor(affine, device=x.device)
-            x[sel] = _affine(names, x[sel], torch.as_tensor(args[affine, layer]), fill)
+        for mode in sorted({modes[j] for j in affine}):  # at most two batched calls per layer
+            js = [j for j in affine if modes[j] == mode]
+            names = [op_names[ops[j, layer]] for j in js]
+            sel = torch.as_tensor(js, device=x.device)
+            x[sel] = _affine(names, x[sel], torch.as_tensor(args[js, layer]), fill, mode)
         for name, js in groups.items():
             if name in _AFFINE_OPS:
                 continue

@@ -128,15 +128,15 @@ class DeviceDecoder:
         `LabelTargets` (`maps`) get the same replacements."""
         images, ok = self._decode(batch)
         p, size = batch.params, self.params.size
+        modes = self.params.modes(p)
         x = torch.zeros(len(ok), 3, size, size, dtype=torch.uint8, device=self.device)
         good = np.flatnonzero(ok)
         if len(good):
             x[torch.as_tensor(good, device=self.device)] = crop_resize(
-                [images[j] for j in good], p.boxes[good], size,
-                [p.modes[j] for j in good] if p.modes else self.cfg.interpolation)
+                [images[j] for j in good], p.boxes[good], size, [modes[j] for j in good])
         x = torch.where(torch.as_tensor(p.flips, device=self.device).view(-1, 1, 1, 1), x.flip(-1), x)
         if self.params.rand_augment is not None:
-            x = rand_augment(x, p.ops, p.args, self.params.op_names, self.params.fill)
+            x = rand_augment(x, p.ops, p.args, self.params.op_names, self.params.fill, modes)
         x, labels, skipped = wds.fill_bad(x, torch.as_tensor(labels), ok, maps or ())
         return x.permute(0, 2, 3, 1), labels, skipped
 

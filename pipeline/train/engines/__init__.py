@@ -2,18 +2,43 @@
 
 An engine wraps the model and optimizer (data parallelism, sharding, mixed precision, gradient
 accumulation, clipping) and owns its own checkpoint files. A backend is one module providing a class
-that satisfies `Engine` plus `build`, `init_distributed`, `resume_source` and `consolidated_state_dict`
-(see `deepspeed_zero`, the one backend today). Importing this package imports no engine library.
+that satisfies `Engine` plus the functions the rest of the package calls on it:
+
+    build(cfg, model, world_size, device, load_universal) -> Engine
+    init_distributed(rank, world_size, device, timeout_s)   torch.distributed, as the backend wants it
+    checkpoint_layout(cfg) -> dict        the meta.json fields its checkpoint files depend on
+    resume_source(ckpt_dir, tag, meta, cfg, world_size) -> str   the tag to load (converted if needed)
+    consolidated_state_dict(tag_dir) -> dict   fp32 weights of one of its checkpoints
+    config(cfg, world_size, device_type) -> dict   its own config (train --print-deepspeed-config)
+
+Nothing outside this package names a backend module: it asks `backend(cfg)` (tests/test_engines.py
+enforces both that and that only `deepspeed_zero` imports `deepspeed`). Importing this package imports
+no engine library.
 """
 
 from __future__ import annotations
 
+import importlib
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.train.config import Config
+
+# name -> backend module, imported on first use (so `model-info` and the data commands never pay for it)
+BACKENDS = {"deepspeed": "pipeline.train.engines.deepspeed_zero"}
+
+
+def backend(cfg: Config | None = None) -> ModuleType:
+    """The backend that trains `cfg` and reads its checkpoints (None: before any config is read, e.g. a
+    benchmark's process group). DeepSpeed is the only one, so nothing chooses yet; a second backend adds
+    a `train.engine` key (default "deepspeed", which older configs and checkpoints then get) read here."""
+    return importlib.import_module(BACKENDS["deepspeed"])
 
 
 class Engine(Protocol):

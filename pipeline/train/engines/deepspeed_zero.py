@@ -182,6 +182,12 @@ def build(cfg: Config, model: nn.Module, world_size: int, device: torch.device,
     return Engine(ds_engine, optimizer)
 
 
+def checkpoint_layout(cfg: Config) -> dict:
+    """What the checkpoint files depend on besides the world size, recorded in meta.json (`resume_source`
+    reads it back; the field name stays, so the meta.json of every earlier run still resumes)."""
+    return {"zero_stage": cfg.deepspeed.zero_stage}
+
+
 def needs_conversion(meta: dict, cfg: Config, world_size: int) -> bool:
     """A checkpoint made at another world size or ZeRO stage loads through the universal format."""
     return meta["world_size"] != world_size or meta["zero_stage"] != cfg.deepspeed.zero_stage
