@@ -110,17 +110,17 @@ def ours(root: str, fmt: str, split: str, workers: int, batch: int, rand_augment
     return make, lambda item: len(item[2])
 
 
-def marginal(root: str, fmt: str, decode: str, batch: int, label_maps: bool = False, tries: int = 2) -> float:
+def marginal(root: str, fmt: str, decode: str, batch: int) -> float:
     """Train images per CPU-second through 1 loader worker beyond a pass's first batch: (images of a
     whole pass - of a 1-batch pass) / (CPU time of both likewise), the steady-state cost without the
     per-pass worker start-up that a short benchmark pass is dominated by. (A worker's CPU time is
     counted when it exits, so only whole passes can be timed.)"""
     cfg = DataConfig(root=root, format=fmt, batch_size=batch, workers=1, color_jitter=0.0,
                      decode=decode).validate()
-    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"), label_maps)
+    loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
     plan = loader.plan()
     cost = {}
-    for num in (1, plan.num_batches) * tries:  # the cheapest of `tries` tries each
+    for num in (1, plan.num_batches) * 2:  # the cheaper of 2 tries each
         start = cpu_seconds()
         n = sum(len(item[2]) for item in _stream(loader.format_batches, plan, num, loader.cfg, loader.device))
         cost[n] = min(cost.get(n, float("inf")), cpu_seconds() - start)
@@ -179,23 +179,21 @@ def paired(pipelines: dict, repeat: int) -> dict:
 
 
 def token_label_rows(root: str, root_tl: str, batch: int, repeat: int) -> list[dict]:
-    """Train with RandAugment: images per core with label maps vs without, per pipeline, in the main
-    process (0 workers: the steady state; passes alternating) and beyond a pass's first batch through
-    1 worker (`marginal`), and what the maps add per image in microseconds."""
+    """Train with RandAugment: images per core with label maps vs without, per pipeline, through 0
+    loader workers (the steady state in the main process) and 1 (whole passes, the worker's start-up
+    alike on both sides), each the best of `repeat` passes alternating between the two sides; and
+    what the maps add per image in CPU microseconds."""
     rows = []
     for name in ("wds", "ffcv", "wds-device", "ffcv-device"):
         fmt, _, decode = name.partition("-")
-        decode = decode or "cpu"
-        steady = paired({maps: ours(where, fmt, "train", 0, batch, RECIPE, decode, maps)
-                         for maps, where in ((False, root), (True, root_tl))}, repeat)
-        beyond = {maps: marginal(where, fmt, decode, batch, maps, tries=repeat)
-                  for maps, where in ((False, root), (True, root_tl))}
-        for workers, per_core in (("0", steady), ("1 (beyond the first batch)", beyond)):
+        for workers in (0, 1):
+            per_core = paired({maps: ours(where, fmt, "train", workers, batch, RECIPE, decode or "cpu", maps)
+                               for maps, where in ((False, root), (True, root_tl))}, repeat)
             plain, with_maps = per_core[False], per_core[True]
             rows.append({"pipeline": name, "workers": workers, "plain_per_core": plain,
                          "maps_per_core": with_maps, "cost": 1 - with_maps / plain,
                          "maps_us_per_image": 1e6 * (1 / with_maps - 1 / plain)})
-            print(f"token labeling {name:11s} workers={workers:26s} {plain:8.1f} -> {with_maps:8.1f} "
+            print(f"token labeling {name:11s} workers={workers} {plain:8.1f} -> {with_maps:8.1f} "
                   f"img/s per core ({100 * rows[-1]['cost']:+.1f}% cost)", flush=True)
     return rows
 
@@ -216,8 +214,9 @@ def device_stage(root: str, batch: int) -> float:
 def token_label_lines(args, tl_rows: list[dict]) -> list[str]:
     """The "### Token labeling" subsection of the Data loading section."""
     row = {(r["pipeline"], r["workers"]): r for r in tl_rows}
-    derived = {fmt: row[(f"{fmt}-device", "0")]["maps_us_per_image"]
-               / (1e6 / row[(fmt, "0")]["plain_per_core"]) for fmt in ("wds", "ffcv")}
+    extra = {(fmt, w): row[(f"{fmt}-device", w)]["maps_us_per_image"]
+             for fmt in ("wds", "ffcv") for w in (0, 1)}
+    share = {k: us / (1e6 / row[k]["plain_per_core"]) for k, us in extra.items()}
     direct = [100 * r["cost"] for r in tl_rows if "device" not in r["pipeline"]]
     return [
         TL_HEADING, "",
@@ -230,19 +229,19 @@ def token_label_lines(args, tl_rows: list[dict]) -> list[str]:
         "size) vs the same pipeline over the plain shards: each batch also carries its maps (top-5 "
         "scores and classes) and each sample's sampling matrices for its crop, flip and geometric "
         "RandAugment ops; the dense targets are built from them on the training device (not counted "
-        f"here). Workers 0 = the steady state in the main process, best of {args.tl_repeat} passes "
-        "alternating between the two; 1 = one worker, beyond a pass's first batch (as above, the "
-        f"cheapest of {args.tl_repeat} tries). Cost = "
-        "1 - with maps / without, per core; extra = what the maps add per image (CPU microseconds).", "",
+        "here). Workers 0 = the steady state in the main process; 1 = whole passes through one loader "
+        "worker (its start-up alike on both sides, the maps' transfer included); each the best of "
+        f"{args.tl_repeat} passes alternating between the two sides. Cost = 1 - with maps / without, "
+        "per core; extra = what the maps add per image (CPU microseconds).", "",
         "The maps' work is the same on both decode paths; on the device path's CPU side little else "
-        "happens, so there it is measurable: "
-        + ", ".join(f"{row[(f'{fmt}-device', '0')]['maps_us_per_image']:.0f} us per image ({fmt})"
-                    for fmt in ("wds", "ffcv"))
-        + ", i.e. " + " and ".join(f"{100 * derived[fmt]:.1f}% ({fmt})" for fmt in ("wds", "ffcv"))
-        + " of the CPU decode path's time per image (aim: at most 15%). Measured directly, the CPU "
-        f"path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}% (negative: faster with maps): "
-        "differences of that size come from the load on this shared machine, not from the maps, whose "
-        "share the device path bounds.", "",
+        "happens, so there it is measurable. Per image, and as a share of the CPU decode path's time "
+        "per image in the same setting (aim: at most 15%): "
+        + "; ".join(f"{fmt}, {w} workers: {extra[(fmt, w)]:.0f} us ({100 * share[(fmt, w)]:.1f}%)"
+                    for fmt in ("wds", "ffcv") for w in (0, 1))
+        + ". Measured "
+        f"directly, the CPU path's rows differ by {min(direct):+.1f} to {max(direct):+.1f}% (negative: "
+        "faster with maps): at that size, the pass-to-pass variation of this shared machine, not the "
+        "maps, whose share the device path bounds.", "",
         "| pipeline | workers | images/s per core, no maps | with maps | cost | extra (us/image) |",
         "|---|---|---|---|---|---|",
         *(f"| {r['pipeline']} | {r['workers']} | {r['plain_per_core']:.1f} | {r['maps_per_core']:.1f} | "
