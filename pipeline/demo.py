@@ -374,7 +374,7 @@ def token_label_demo(args: argparse.Namespace, cfg, data: Path, shards: Path, ru
     from pipeline.train.config import load_config
 
     teacher, maps = Path(args.teacher).resolve(), Path(args.maps).resolve()
-    if teacher in (run_dir, run_dir.parent):
+    if teacher == run_dir:
         raise InputError(f"--teacher {teacher} and --run-dir {run_dir} must be different folders")
     for path, marker, option in ((maps, MAPS_MARKER, "--maps"), (shards, "manifest.json", "--shards"),
                                  (run_dir, CONFIG_FILE, "--run-dir")):
@@ -383,7 +383,7 @@ def token_label_demo(args: argparse.Namespace, cfg, data: Path, shards: Path, ru
     step(f"teacher: the plain demo's run {teacher}")
     why = teacher_missing(teacher, data, args.classes)
     if why is not None:
-        print(f"[demo] {why}: running the plain demo first (`make demo FORMAT={args.format}`)", flush=True)
+        print(f"[demo] {why}: running the plain demo first", flush=True)
         _check(_python(*plain_demo_args(args, data, teacher)), "the plain demo (the teacher)")
         why = teacher_missing(teacher, data, args.classes)
         if why is not None:
