@@ -95,11 +95,12 @@ bench-model: setup  ## RMT-T/S training steps at 224: our MaSA vs the straightfo
 
 # ---- first run and all benchmarks (pipeline/demo.py, pipeline/report.py, bench/run_all.py) ----
 FORMAT ?= wds
+TL ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 .PHONY: demo bench
-demo: setup  ## fake ImageNet -> shards -> train on 2 CPU processes, SIGTERM, resume -> eval, export, plots [FORMAT=wds|ffcv]
-	$(PY) -m pipeline demo --format $(FORMAT) $(DEMO_ARGS)
+demo: setup  ## fake ImageNet -> shards -> train on 2 CPU processes, SIGTERM, resume -> eval, export, plots [FORMAT=wds|ffcv TL=1]
+	$(PY) -m pipeline demo --format $(FORMAT) $(if $(TL),--token-label) $(DEMO_ARGS)
 
 bench: setup  ## every CPU benchmark (model, data, shards, engine); one table; bench/results.json + BENCHMARKS.md
 	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -3,6 +3,8 @@
 #
 #   sbatch [sbatch options] launch/rmt_b_32gpu.sh [dotted.key=value ...]
 #   env: CONFIG, RUN_DIR (default runs/rmt_b_32gpu: the same command again resumes), SHARDS, ...
+#   RMT-B* (token labeling; SHARDS written with LABELS=, README "Token labeling"):
+#     CONFIG=configs/rmt_b_tl.yaml RUN_DIR=runs/rmt_b_tl SHARDS=shards/imagenet1k-tl sbatch launch/rmt_b_32gpu.sh
 #   CPU test: sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 launch/rmt_b_32gpu.sh
 # Options given to sbatch override this header. All settings: launch/common.sh and launch/README.md.
 #

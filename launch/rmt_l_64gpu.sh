@@ -3,6 +3,8 @@
 #
 #   sbatch [sbatch options] launch/rmt_l_64gpu.sh [dotted.key=value ...]
 #   env: CONFIG, RUN_DIR (default runs/rmt_l_64gpu: the same command again resumes), SHARDS, ...
+#   RMT-L* (token labeling; SHARDS written with LABELS=, README "Token labeling"):
+#     CONFIG=configs/rmt_l_tl.yaml RUN_DIR=runs/rmt_l_tl SHARDS=shards/imagenet1k-tl sbatch launch/rmt_l_64gpu.sh
 #   CPU test: sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 launch/rmt_l_64gpu.sh
 # Options given to sbatch override this header. All settings: launch/common.sh and launch/README.md.
 #

@@ -1,16 +1,21 @@
 """The `label-maps` command: TokenLabeling label maps of every ImageNet train image, from any teacher.
 
-    python -m pipeline label-maps --teacher rmt_l_tl --pretrained --src /data/imagenet --out maps/
+    python -m pipeline label-maps --teacher rmt_l_tl.pth --config configs/rmt_l_tl.yaml \\
+        --src /data/imagenet --out maps/
+    python -m pipeline label-maps --teacher dm_nfnet_f6 --pretrained --src /data/imagenet --out maps/
 
 writes `<out>/<wnid>/<key>.pt`, an fp16 tensor [2, k, H, W] (top-k logits, their class indices) per
 train image, the layout of TokenLabeling's `label_top5_train_nfnet` (`pipeline.data.label_maps`), so
-`make shards LABELS=<out>` reads either. The teacher is a timm model name (`--pretrained` for its
-weights) or one of our runs / checkpoints / weights files; its logits per final-stage position come
-from its own head without pooling (RMT: `global_pool=""`; other timm models: their Linear
-classifier applied to every position of NCHW features). Unlike TokenLabeling (shorter side resized,
-then a centre crop), the whole image is resized to the teacher's square input, so the map covers
-exactly the image the crop boxes refer to. Resumable: images whose map exists are skipped, and each
-map is written under a temporary name and renamed, so a killed run leaves only complete files.
+`make shards LABELS=<out>` reads either. The teacher is a timm model name with timm's pretrained
+weights (`--pretrained`; TokenLabeling's was dm_nfnet_f6 at 576 px), one of our runs / checkpoints,
+or a weights file (official .pth, our exported .safetensors) with the `--config` naming its model.
+Its logits per final-stage position: a token-labeling RMT's `aux_head` (TokenLabeling's dense head,
+the one trained to predict each token's class; its class head is trained on the pooled output
+only), a plain RMT's own head without pooling (`global_pool=""`), other timm models' Linear
+classifier applied to every position of their NCHW features. Unlike TokenLabeling (shorter side
+resized, then a centre crop), the whole image is resized to the teacher's square input, so the map
+covers exactly the image the crop boxes refer to. Resumable: images whose map exists are skipped, and
+each map is written under a temporary name and renamed, so a killed run leaves only complete files.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from pipeline.data.errors import DataError
 from pipeline.data.load.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
-def load_teacher(teacher: str, num_classes: int, pretrained: bool, ema: bool) -> torch.nn.Module:
-    """A timm model name, or a run dir / checkpoint dir / weights file of ours (`pipeline.train.weights`)."""
+def load_teacher(teacher: str, num_classes: int, pretrained: bool, ema: bool,
+                 config: str | None = None) -> torch.nn.Module:
+    """A timm model name, or a run dir / checkpoint dir / weights file of ours (`pipeline.train.weights`;
+    a weights file needs `config`, the recipe naming its model)."""
     import timm
 
     import pipeline.models  # noqa: F401 (registers RMT)
@@ -39,23 +46,37 @@ def load_teacher(teacher: str, num_classes: int, pretrained: bool, ema: bool) ->
     if Path(teacher).exists():
         from pipeline.train.weights import checked_weights, resolve_source
 
-        source = resolve_source(teacher)
+        source = resolve_source(teacher, config)
         model = checked_weights(source, ema, source.config())
     elif timm.is_model(teacher):
+        if pretrained and not _has_pretrained(teacher):
+            raise DataError(f"--teacher {teacher} --pretrained: timm has no pretrained weights for "
+                            f"{teacher}; give a weights file and its recipe instead (e.g. --teacher "
+                            f"rmt_l_tl.pth --config configs/rmt_l_tl.yaml) or a run of ours")
         model = timm.create_model(teacher, pretrained=pretrained, num_classes=num_classes)
     else:
-        raise DataError(f"--teacher {teacher}: neither a path nor a timm model name; give e.g. rmt_l_tl "
-                        "--pretrained, or a run dir of ours")
+        raise DataError(f"--teacher {teacher}: neither a path nor a timm model name; give e.g. dm_nfnet_f6 "
+                        "--pretrained, a weights file with its --config, or a run dir of ours")
     if model.num_classes != num_classes:
         raise DataError(f"--teacher {teacher} has {model.num_classes} classes, SRC has {num_classes}; "
                         "give a teacher for these classes")
     return model.eval()
 
 
+def _has_pretrained(name: str) -> bool:
+    """Whether timm knows where to get pretrained weights for model `name`."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return cfg is not None and bool(cfg.url or cfg.hf_hub_id or cfg.file)
+
+
 def position_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, classes, H, W) logits at every final-stage position of the teacher."""
+    """(B, classes, H, W) logits at every final-stage position of the teacher (see the module docstring)."""
     from pipeline.models.rmt import RMT
 
+    if isinstance(model, RMT) and model.aux_head is not None:  # token labeling: its per-token head
+        return model.aux_head(model.forward_features(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     if isinstance(model, RMT):  # its own head without pooling (timm's un-pooled convention)
         pool, model.global_pool = model.global_pool, ""
         try:
@@ -86,7 +107,7 @@ def _save(path: Path, value: torch.Tensor) -> None:
 
 def generate(teacher: str, src: str, out: str, classes: int = 1000, img_size: int = 576, batch_size: int = 32,
              top_k: int = label_maps.TOP_K, pretrained: bool = False, ema: bool = False, device: str = "cpu",
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, config: str | None = None) -> dict:
     """Write the maps (see module docstring); returns counts {"written", "skipped", "bad"}."""
     if top_k > classes:
         raise DataError(f"--top-k {top_k}: SRC has only {classes} classes; give at most {classes}")
@@ -94,7 +115,7 @@ def generate(teacher: str, src: str, out: str, classes: int = 1000, img_size: in
     todo = [e for e in entries if not label_maps.map_path(out, e.key).is_file()]
     log(f"label-maps: {len(entries)} train images, {len(entries) - len(todo)} maps already written, "
         f"{len(todo)} to write with teacher {teacher} at {img_size} px")
-    model = load_teacher(teacher, classes, pretrained, ema).to(device)
+    model = load_teacher(teacher, classes, pretrained, ema, config).to(device)
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -128,7 +149,10 @@ def generate(teacher: str, src: str, out: str, classes: int = 1000, img_size: in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True,
-                        help="timm model name, or a run dir / checkpoint / weights file of ours")
+                        help="timm model name (with --pretrained), a run dir / checkpoint of ours, or a "
+                             "weights file (.pth, .safetensors) with --config")
+    parser.add_argument("--config", help="config YAML naming the teacher's model (needed for a weights file; "
+                                         "default for a run: its config.yaml)")
     parser.add_argument("--src", required=True, help="ImageNet copy (any layout `shards` reads)")
     parser.add_argument("--out", required=True, help="output folder: <out>/<wnid>/<key>.pt")
     parser.add_argument("--classes", type=int, default=1000,
@@ -148,5 +172,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     generate(args.teacher, args.src, args.out, classes=args.classes, img_size=args.img_size,
              batch_size=args.batch_size, top_k=args.top_k, pretrained=args.pretrained, ema=args.ema,
-             device=args.device, progress=not args.no_progress)
+             device=args.device, progress=not args.no_progress, config=args.config)
     return 0

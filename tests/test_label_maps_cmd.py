@@ -61,3 +61,63 @@ def test_bad_teacher_is_a_one_line_error(fk, tmp_path, capsys):
     assert main(["label-maps", "--teacher", "no_such_model", "--src", str(fk.root / "folders"), "--out",
                  str(tmp_path), "--classes", str(CLASSES), "--no-progress"]) == 2
     assert "--teacher no_such_model: neither a path nor a timm model name" in capsys.readouterr().err
+
+
+TINY = {"embed_dims": [16, 32, 64, 64], "depths": [1, 1, 1, 1], "num_heads": [2, 2, 4, 4], "projection": 64}
+
+
+def test_a_weights_file_teacher_takes_its_config_and_a_token_label_rmt_teaches_with_its_aux_head(
+        fk, tmp_path, capsys):
+    import timm
+    import yaml
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = timm.create_model("rmt_t", num_classes=CLASSES, token_label=True, **TINY).eval()
+    weights = tmp_path / "teacher.safetensors"
+    save_file(model.state_dict(), str(weights))
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "rmt_t", "num_classes": CLASSES,
+                                                "kwargs": {**TINY, "token_label": True}}}))
+    src, out = str(fk.root / "folders"), tmp_path / "maps"
+    args = ["label-maps", "--teacher", str(weights), "--src", src, "--out", str(out),
+            "--classes", str(CLASSES), "--img-size", "64", "--no-progress"]
+    assert main(args) == 2  # a weights file does not say which model it is
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a weights file: pass --config" in err[0], err
+    assert main([*args, "--config", str(config)]) == 0
+    key = sorted(fk.samples["train"])[0]
+    entry = next(e for e in detect(src, CLASSES).splits["train"] if e.key == key)
+    x = teacher_input(read_input(entry), 64)[None]
+    with torch.no_grad():
+        tokens = model.aux_head(model.forward_features(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)[0]
+        pool, model.global_pool = model.global_pool, ""
+        class_head = model._class_logits(model.forward_features(x))[0]
+        model.global_pool = pool
+    m = torch.load(label_maps.map_path(out, key), weights_only=True)
+    v, i = tokens.topk(5, dim=0)
+    assert torch.equal(m[1].long(), i) and torch.allclose(m[0].float(), v, atol=1e-2)
+    assert not torch.equal(class_head.topk(5, dim=0).indices, i)  # the class head per token differs
+
+
+def test_a_timm_cnn_teaches_with_its_classifier_at_every_position():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", num_classes=CLASSES).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        per_position = position_logits(model, x)
+        pooled = model(x)
+    assert per_position.shape[:2] == (2, CLASSES) and per_position.shape[2] * per_position.shape[3] > 1
+    # the classifier is linear after average pooling: the mean over positions is the model's own output
+    assert torch.allclose(per_position.mean(dim=(2, 3)), pooled, atol=1e-5)
+
+
+def test_pretrained_without_timm_weights_is_a_one_line_error_naming_the_fix(fk, tmp_path, capsys):
+    assert main(["label-maps", "--teacher", "rmt_l_tl", "--pretrained", "--src", str(fk.root / "folders"),
+                 "--out", str(tmp_path), "--classes", str(CLASSES), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --teacher rmt_l_tl --pretrained: timm has no pretrained weights for rmt_l_tl; "
+                   "give a weights file and its recipe instead (e.g. --teacher rmt_l_tl.pth --config "
+                   "configs/rmt_l_tl.yaml) or a run of ours"]

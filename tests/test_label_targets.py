@@ -3,9 +3,11 @@
 import io
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data import label_maps
+from pipeline.data.errors import DataError
 from pipeline.data.load.aug_params import SKIP, ParamSource
 from pipeline.data.load.augment import TrainAugment
 from pipeline.data.load.config import DataConfig
@@ -28,7 +30,7 @@ def test_drawn_crop_flip_and_geometric_ops_move_map_and_pixels_alike():
     indices, repeats = np.arange(n), np.zeros(n, np.int64)
     p = params.draw(2, indices, repeats, [h] * n, [w] * n)
     us = cpu.crop_boxes(2, indices, repeats)
-    t = batch_targets(p, params.op_names, [(h, w)] * n, [member] * n, [f"k{i}" for i in range(n)], (OUT, OUT))
+    t = batch_targets(p, params.op_names, [(h, w)] * n, [member] * n, "k{}".format, (OUT, OUT))
     got = label_maps.sample_grid(label_maps.dense_scores(t.scores, t.indices, 3), t.theta, (GRID, GRID), 4)
     geometric = set(label_maps.GEOMETRIC_OPS)
     checked, with_ops = 0, 0
@@ -46,3 +48,16 @@ def test_drawn_crop_flip_and_geometric_ops_move_map_and_pixels_alike():
         with_ops += bool(names)
     assert checked >= 20 and with_ops >= 6, (checked, with_ops)
     assert t.scores.dtype == torch.float16 and t.theta.shape == (n, 2, 3, 3)
+
+
+def test_a_damaged_map_or_a_batch_of_two_map_sizes_names_the_samples():
+    cfg = DataConfig(img_size=OUT)
+    params = ParamSource(cfg)
+    p = params.draw(0, np.arange(3), np.zeros(3, np.int64), [40] * 3, [50] * 3)
+    small, large = (label_maps.encode(np.zeros((5, s, s), np.float16), np.zeros((5, s, s), np.uint16))
+                    for s in (2, 3))
+    names = "sample {}".format
+    with pytest.raises(DataError, match=r"label map of sample 1 in the shards is not a map"):
+        batch_targets(p, params.op_names, [(40, 50)] * 3, [small, b"junk", small], names, (OUT, OUT))
+    with pytest.raises(DataError, match=r"shapes \(5, 2, 2\) \(sample 0\) and \(5, 3, 3\) \(sample 2\)"):
+        batch_targets(p, params.op_names, [(40, 50)] * 3, [small, small, large], names, (OUT, OUT))

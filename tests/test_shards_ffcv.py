@@ -132,29 +132,37 @@ def _cli_shards(src, out, *extra):
 
 
 @pytest.mark.slow
-def test_kill_at_any_moment_then_resume_gives_identical_bytes(tmp_path):
+@pytest.mark.parametrize("labels", [False, True], ids=["plain", "label_maps"])
+def test_kill_at_any_moment_then_resume_gives_identical_bytes(tmp_path, labels):
+    """Also with LABELS (`shards --labels`): each train sample's map is written with it, in both formats."""
+    from tests.test_shards_label_maps import write_maps
+
     fk = fake.write(tmp_path / "fake", layouts=("folders",), num_classes=CLASSES, train_per_class=30,
                     val_per_class=10, min_side=32, max_side=64)
     src = fk.root / "folders"
+    maps = str(write_maps(tmp_path / "maps", fk.samples["train"])) if labels else None
+    extra = ["--labels", maps] if labels else []
     reference = tmp_path / "reference"  # the uninterrupted run
     shards.write_shards(str(src), reference, workers=2, classes=CLASSES, shard_bytes=20000,
-                        ffcv={"page_size": PAGE, "max_resolution": 64}, progress=False, log=lambda *_: None)
+                        ffcv={"page_size": PAGE, "max_resolution": 64}, progress=False, log=lambda *_: None,
+                        labels=maps)
     out = tmp_path / "out"
     for wait_for in ("train-000001.tar.json", "train.beton.json"):  # mid-train wds, then mid-val
-        p = _cli_shards(src, out, "--workers", "1")
+        p = _cli_shards(src, out, "--workers", "1", *extra)
         deadline = time.monotonic() + 240
         while not (out / ".state" / wait_for).exists() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         os.killpg(p.pid, signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL  # killed while still running
         assert not (out / "manifest.json").exists()
-    p = _cli_shards(src, out, "--workers", "2")
+    p = _cli_shards(src, out, "--workers", "2", *extra)
     assert p.wait(timeout=300) == 0, p.stdout.read()
     files = sorted(x.relative_to(reference) for x in reference.rglob("*") if x.is_file())
     assert files == sorted(x.relative_to(out) for x in out.rglob("*") if x.is_file())
     for f in files:
         assert (out / f).read_bytes() == (reference / f).read_bytes(), f
-    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 120
+    train = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert train["num_samples"] == 120 and ("label_maps" in train) == labels
 
 
 def test_an_image_larger_than_a_page_is_a_clear_error(tmp_path):

@@ -87,10 +87,14 @@ def test_maps_are_stored_recorded_verified_and_deterministic(fk, tmp_path):
 def test_a_missing_map_names_the_image_or_is_counted_under_allow_bad(fk, tmp_path):
     missing = sorted(fk.samples["train"])[3]
     maps = write_maps(tmp_path / "maps", fk.samples["train"], skip={missing})
-    with pytest.raises(DataError, match="1 input files could not be decoded .* --allow-bad 1"):
+    want = (r"^1 label maps \(LABELS\) are missing or damaged \(listed above and in .*rejected.json\); "
+            r"write those maps \(python -m pipeline label-maps skips the good ones\), or accept them with "
+            r"--allow-bad 1 ")
+    with pytest.raises(DataError, match=want):
         write(fk, tmp_path / "out", labels=str(maps))
     rejected = json.loads((tmp_path / "out" / "rejected.json").read_text())
     assert len(rejected) == 1 and f"no label map for {missing}: " in rejected[0]["reason"]
+    assert rejected[0]["label_map"] is True
     m = write(fk, tmp_path / "out", labels=str(maps), allow_bad=1)
     assert m["splits"]["train"]["num_samples"] == len(fk.samples["train"]) - 1
     assert missing not in members(tmp_path / "out", "train")
@@ -170,3 +174,16 @@ def test_ffcv_stores_the_same_maps_at_the_same_indices_verified_and_resumable(fk
 def test_bad_labels_settings_are_one_line_errors(fk, tmp_path):
     with pytest.raises(DataError, match="LABELS=.*nowhere is not a folder"):
         write(fk, tmp_path / "out", labels=str(tmp_path / "nowhere"))
+
+
+def test_undecodable_images_and_missing_maps_are_counted_apart(tmp_path):
+    bad = fake.write(tmp_path / "fake", layouts=("folders",), num_classes=CLASSES, train_per_class=5,
+                     val_per_class=2, min_side=16, max_side=24, quirks=False, bad=True, seed=3)
+    good = sorted(k for k in bad.samples["train"] if k not in bad.bad["train"])
+    maps = write_maps(tmp_path / "maps", bad.samples["train"], skip={good[0], good[1]})
+    want = (r"^6 input files could not be decoded and 2 label maps \(LABELS\) are missing or damaged "
+            r"\(.*\); remove or replace the files and write those maps .*--allow-bad 8 ")
+    with pytest.raises(DataError, match=want):
+        write(bad, tmp_path / "out", labels=str(maps))
+    rejected = json.loads((tmp_path / "out" / "rejected.json").read_text())
+    assert sorted(Path(r["path"]).stem for r in rejected if r.get("label_map")) == good[:2]

@@ -104,23 +104,29 @@ def _affine(a, b, c, d, e, f) -> np.ndarray:
     return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
 
 
-def op_matrix(name: str, arg: float, width: int, height: int) -> np.ndarray | None:
-    """PIL's output -> input matrix of timm's RandAugment op `name` with argument `arg` on a
-    width x height image, or None for an op that moves no pixel (the colour ops)."""
+def _op_coeffs(name: str, arg: float, width: int, height: int) -> tuple[float, ...] | None:
+    """The top two rows (a, b, c, d, e, f) of `op_matrix`, as plain floats."""
     if name == "Rotate":  # PIL Image.rotate(arg) about the centre, expand=False
         t = -math.radians(arg)
         cos, sin = round(math.cos(t), 15), round(math.sin(t), 15)
         cx, cy = width / 2.0, height / 2.0
-        return _affine(cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+        return cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy
     if name == "ShearX":
-        return _affine(1, arg, 0, 0, 1, 0)
+        return 1.0, arg, 0.0, 0.0, 1.0, 0.0
     if name == "ShearY":
-        return _affine(1, 0, 0, arg, 1, 0)
+        return 1.0, 0.0, 0.0, arg, 1.0, 0.0
     if name in ("TranslateX", "TranslateXRel"):
-        return _affine(1, 0, arg * (width if name.endswith("Rel") else 1), 0, 1, 0)
+        return 1.0, 0.0, arg * (width if name.endswith("Rel") else 1), 0.0, 1.0, 0.0
     if name in ("TranslateY", "TranslateYRel"):
-        return _affine(1, 0, 0, 0, 1, arg * (height if name.endswith("Rel") else 1))
+        return 1.0, 0.0, 0.0, 0.0, 1.0, arg * (height if name.endswith("Rel") else 1)
     return None
+
+
+def op_matrix(name: str, arg: float, width: int, height: int) -> np.ndarray | None:
+    """PIL's output -> input matrix of timm's RandAugment op `name` with argument `arg` on a
+    width x height image, or None for an op that moves no pixel (the colour ops)."""
+    coeffs = _op_coeffs(name, arg, width, height)
+    return None if coeffs is None else _affine(*coeffs)
 
 
 def sample_affine(box, flip: bool, ops: list[tuple[str, float]], image_hw: tuple[int, int],
@@ -130,19 +136,28 @@ def sample_affine(box, flip: bool, ops: list[tuple[str, float]], image_hw: tuple
     RandAugment's fill) and from those to (1) label-map pixel coordinates, for the crop `box` (top,
     left, height, width) of an image of `image_hw`, resized to `out_hw`, then flipped (if `flip`),
     then the RandAugment `ops` (name, argument) in order; `map_hw` is the map's (H, W)."""
+    return np.array(sample_affine_rows(box, flip, ops, image_hw, out_hw, map_hw))
+
+
+def sample_affine_rows(box, flip: bool, ops: list[tuple[str, float]], image_hw: tuple[int, int],
+                       out_hw: tuple[int, int], map_hw: tuple[int, int]) -> list:
+    """`sample_affine` as nested lists of floats, computed without numpy: per sample, numpy's call
+    overhead on 3 x 3 matrices was most of what the maps cost the loader (BENCHMARKS.md)."""
     top, left, h, w = box
     oh, ow = out_hw
-    unit = np.diag([ow, oh, 1.0])  # unit square -> output px
-    ra = np.eye(3)
+    a, b, c, d, e, f = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0  # RandAugment, output px -> its input px
     for name, arg in ops:  # output of op i -> its input: applied in order, composed on the right
-        op = op_matrix(name, arg, ow, oh)
+        op = _op_coeffs(name, arg, ow, oh)
         if op is not None:
-            ra = ra @ op
-    crop = np.diag([map_hw[1] / image_hw[1], map_hw[0] / image_hw[0], 1.0])  # image px -> map px
-    crop = crop @ _affine(w / ow, 0, left, 0, h / oh, top)  # crop px -> image px
-    if flip:
-        crop = crop @ _affine(-1, 0, ow, 0, 1, 0)
-    return np.stack([np.linalg.inv(unit) @ ra @ unit, crop @ unit])
+            a2, b2, c2, d2, e2, f2 = op
+            a, b, c, d, e, f = (a * a2 + b * d2, a * b2 + b * e2, a * c2 + b * f2 + c,
+                                d * a2 + e * d2, d * b2 + e * e2, d * c2 + e * f2 + f)
+    sx, sy = map_hw[1] / image_hw[1], map_hw[0] / image_hw[0]  # image px -> map px
+    # (0) diag(1/ow, 1/oh, 1) @ RandAugment @ diag(ow, oh, 1); (1) unit square -> output px -> flip
+    # (x -> ow - x) -> crop px -> image px -> map px
+    return [[[a, b * oh / ow, c / ow], [d * ow / oh, e, f / oh], [0.0, 0.0, 1.0]],
+            [[-sx * w if flip else sx * w, 0.0, sx * (left + w if flip else left)], [0.0, sy * h, sy * top],
+             [0.0, 0.0, 1.0]]]
 
 
 def dense_scores(scores: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:

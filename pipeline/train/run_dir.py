@@ -10,6 +10,7 @@
     superseded/       earlier runs set aside by checkpoint.start_over=move
     logs/             the launchers' logs
     report/           the `report` command's default output
+    export/           the demo's exported weights (`export --out` takes any path)
 
 The launchers ask for paths with `python -m pipeline run-dir RUN_DIR PART` (imports no torch).
 """
@@ -41,6 +42,7 @@ class RunDir:
     superseded = property(lambda self: self.root / "superseded")
     logs = property(lambda self: self.root / "logs")
     report = property(lambda self: self.root / "report")
+    export = property(lambda self: self.root / "export")
 
     def is_run_dir(self) -> bool:
         return self.checkpoints.is_dir()

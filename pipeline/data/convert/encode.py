@@ -70,9 +70,11 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Rejected:
-    """An input file that cannot be used, and why (listed in the manifest, never dropped silently)."""
+    """An input file that cannot be used, and why (listed in the manifest, never dropped silently);
+    `label_map`: the image is fine, its label map (LABELS) is missing or damaged."""
 
     reason: str
+    label_map: bool = False
 
 
 def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict,
@@ -97,7 +99,7 @@ def process_chunk(entries: list[InputFile], formats: tuple[str, ...], opts: dict
             try:
                 label_map = label_maps.encode(*label_maps.read_pt(labels, e.key, opts["classes"]))
             except DataError as err:
-                out.append(Rejected(str(err)))
+                out.append(Rejected(str(err), label_map=True))
                 continue
         done = {f: w.encode(data, im, e.key, opts) for f, w in zip(formats, writers, strict=True)}
         out.append(Encoded({f: p for f, (p, _) in done.items()}, {f: n for f, (_, n) in done.items()},

@@ -182,14 +182,22 @@ def _write_locked(inputs: ImageNetInput, out: Path, formats, workers: int, opts:
     _summary(contents, todo_samples, elapsed, log)
     if len(rejected) > allow_bad:
         write_json(out / "rejected.json", rejected)
-        raise DataError(
-            f"{len(rejected)} input files could not be decoded (listed above and in "
-            f"{out / 'rejected.json'}); remove or replace them, or accept them with "
-            f"--allow-bad {len(rejected)} (finished files are kept)"
-        )
+        raise DataError(_rejected_text(rejected, out / "rejected.json"))
     (out / "rejected.json").unlink(missing_ok=True)
     write_json(manifest.path(out), contents)
     return contents
+
+
+def _rejected_text(rejected: list[dict], listing: Path) -> str:
+    """What was rejected and the fix: undecodable images and missing/damaged label maps named apart."""
+    maps = sum(1 for r in rejected if r.get("label_map"))
+    images = len(rejected) - maps
+    what = ([f"{images} input files could not be decoded"] if images else []) \
+        + ([f"{maps} label maps (LABELS) are missing or damaged"] if maps else [])
+    fix = (["remove or replace the files"] if images else []) \
+        + (["write those maps (python -m pipeline label-maps skips the good ones)"] if maps else [])
+    return (f"{' and '.join(what)} (listed above and in {listing}); {' and '.join(fix)}, or accept them "
+            f"with --allow-bad {len(rejected)} (finished files are kept)")
 
 
 def _prepare_out(out: Path, formats):
@@ -228,7 +236,8 @@ def _run_split(job: SplitJob, out: Path, opts: dict, pool, workers: int, bar, sr
                 for f in wanted:
                     _, writer, rejected, converted = open_files[f]
                     if isinstance(r, Rejected):
-                        rejected.append({"path": _display(e.path, src), "reason": r.reason})
+                        rejected.append({"path": _display(e.path, src), "reason": r.reason,
+                                         **({"label_map": True} if r.label_map else {})})
                         continue
                     writer.put(e.key, e.label, r.payloads[f], r.label_map)
                     if r.notes[f]:

@@ -326,8 +326,9 @@ class FfcvTrainBatches:
         if not self.label_maps:
             return None
         b, ids = self.beton, indices.tolist()
-        return batch_targets(p, self.augment.op_names, [(b.heights[i], b.widths[i]) for i in ids],
-                             [b.read_map(i) for i in ids], [b.where(i) for i in ids],
+        return batch_targets(p, self.augment.op_names,
+                             list(zip(b.heights[indices].tolist(), b.widths[indices].tolist(), strict=True)),
+                             [b.read_map(i) for i in ids], lambda j: b.where(ids[j]),
                              (self.augment.size, self.augment.size))
 
     def maps(self, targets) -> tuple:

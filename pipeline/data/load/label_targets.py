@@ -10,6 +10,7 @@ it costs a scatter and one `grid_sample` instead of a per-core RoIAlign over all
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -29,20 +30,27 @@ class LabelTargets(NamedTuple):
 
 
 def batch_targets(params: TrainParams, op_names: tuple[str, ...], image_hw: list[tuple[int, int]],
-                  maps: list[bytes], keys: list[str], out_hw: tuple[int, int]) -> LabelTargets:
-    """`LabelTargets` of B samples: their drawn `params`, full-image sizes, encoded maps (shard members)."""
-    decoded = [label_maps.decode(m, k) for m, k in zip(maps, keys, strict=True)]
-    shapes = {s.shape for s, _ in decoded}
-    if len(shapes) > 1:
-        raise DataError(f"label maps of one batch have shapes {sorted(shapes)} (e.g. {keys[0]}): write every "
-                        "map with one teacher and size, then rebuild the shards")
+                  maps: list[bytes], where: Callable[[int], str], out_hw: tuple[int, int]) -> LabelTargets:
+    """`LabelTargets` of B samples: their drawn `params`, full-image sizes, encoded maps (shard members);
+    `where(j)` names sample j in an error (built only then: per sample it costs as much as the rest)."""
+    decoded = []
+    for j, m in enumerate(maps):
+        try:
+            decoded.append(label_maps.decode(m))
+        except DataError:
+            label_maps.decode(m, where(j))  # raises the same error, naming the sample
+    odd = next((j for j, (s, _) in enumerate(decoded) if s.shape != decoded[0][0].shape), None)
+    if odd is not None:
+        raise DataError(f"label maps of one batch have shapes {decoded[0][0].shape} ({where(0)}) and "
+                        f"{decoded[odd][0].shape} ({where(odd)}): write every map with one teacher and size, "
+                        "then rebuild the shards")
     theta = []
+    ops, args, boxes, flips = (params.ops.tolist(), params.args.tolist(), params.boxes.tolist(),
+                               params.flips.tolist())  # plain Python numbers: cheaper per element
     for j, (h, w) in enumerate(image_hw):
-        ops = [(op_names[i], float(a)) for i, a in zip(params.ops[j], params.args[j], strict=True)
-               if i != SKIP]
-        box = tuple(int(v) for v in params.boxes[j])
-        theta.append(label_maps.sample_affine(box, bool(params.flips[j]), ops, (h, w), out_hw,
-                                              decoded[j][0].shape[1:]))
+        drawn = [(op_names[i], float(a)) for i, a in zip(ops[j], args[j], strict=True) if i != SKIP]
+        theta.append(label_maps.sample_affine_rows(tuple(int(v) for v in boxes[j]), bool(flips[j]), drawn,
+                                                   (h, w), out_hw, decoded[j][0].shape[1:]))
     return LabelTargets(torch.from_numpy(np.stack([s for s, _ in decoded])),
                         torch.from_numpy(np.stack([i for _, i in decoded]).astype(np.int64)),
-                        torch.from_numpy(np.stack(theta)))
+                        torch.tensor(theta, dtype=torch.float64))

@@ -324,10 +324,11 @@ class WdsTrainBatches(_ShardBatches):
         p = params.draw(epoch, indices, repeats, [h for _, h in sizes], [w for w, _ in sizes])
         targets = None
         if self.label_maps:
-            where = [f"sample index {i} (shard {self.shards.names[self.shards.locate(i)[0]]})"
-                     for i in indices.tolist()]
+            ids = indices.tolist()
             targets = batch_targets(p, params.op_names, [(h, w) for w, h in sizes],
-                                    [self.shards.read_map(i) for i in indices.tolist()], where,
+                                    [self.shards.read_map(i) for i in ids],
+                                    lambda j: f"sample index {ids[j]} (shard "
+                                              f"{self.shards.names[self.shards.locate(ids[j])[0]]})",
                                     (params.size, params.size))
         if self.device_decode:
             return device_batches.encoded(datas, imgs, ok, indices, p), labels, 0, *self.maps(targets)
