@@ -23,7 +23,9 @@ TRAIN = ["data.workers=0", "train.global_batch=8", "train.max_batch_per_device=4
          "checkpoint.every_steps=10", "metrics.log_every=1", "metrics.tensorboard=false", "optim.lr=1e-3",
          "optim.lr_base_batch=8", "ema.decay=0.9"]
 TINY = [f"model.kwargs={{{TINY_MODEL}}}", *TRAIN]
-TINY_TL = [f"model.kwargs={{{TINY_MODEL}, token_label: true}}", *TRAIN]  # + aux_head: a 2 x 2 token grid
+# + aux_head: a 2 x 2 token grid; decoded and augmented by the device path (data.decode=device, here on the
+# CPU), so the demo runs it end to end: training, the resume, eval through the checkpoint's config
+TINY_TL = [f"model.kwargs={{{TINY_MODEL}, token_label: true}}", "data.decode=device", *TRAIN]
 DATA = ["--classes", "10", "--train-per-class", "16", "--val-per-class", "8", "--max-side", "64"]
 STEPS_PER_EPOCH = 16 * 10 // 8  # train images / global batch
 
@@ -131,7 +133,7 @@ def test_token_label_demo_learns_from_the_plain_demo_run(plain_demo):
     assert manifest["splits"]["train"]["num_samples"] == len(list((base / "maps").rglob("*.pt"))) == 160
     run = base / "run-tl"
     config = (run / "config.yaml").read_text()
-    assert "loss: token_label" in config and "token_label: true" in config
+    assert "loss: token_label" in config and "token_label: true" in config and "decode: device" in config
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ends = [r for r in records if r["kind"] == "end"]
     assert [e["reason"] for e in ends] == ["signal", "finished"] and ends[1]["step"] == 12 * STEPS_PER_EPOCH
