@@ -53,7 +53,7 @@ def main() -> int:
     from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed
     from pipeline.train.build import build_model
-    from pipeline.train.loop import StopFlag, step_seed
+    from pipeline.train.loop import step_seed
     from pipeline.train.metrics import MetricsWriter
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -72,14 +72,8 @@ def main() -> int:
     n_params = sum(p.numel() for p in engine.module.parameters())
     step_s = timed(lambda: trainer.train_step(next(batches)), args.steps)
     ema_s = timed(ema.update, 20)
-    stop = StopFlag()
-
-    def agree():
-        flags = torch.stack([torch.tensor(float(stop.requested)), torch.tensor(0.0)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        flags.tolist()
-
-    agree_s = timed(agree, 50)
+    loss = torch.tensor(6.9)
+    agree_s = timed(lambda: trainer._agree(loss), 50)  # the trainer's own stop/non-finite all_reduce
     reseed_s = timed(lambda: torch.manual_seed(step_seed(0, 123, 4, 1)), 200)
     tmp = trainer.output_dir
     writer = MetricsWriter(tmp, 0, tensorboard=True, progress="lines", total_steps=0, start_step=0)
