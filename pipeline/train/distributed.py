@@ -13,6 +13,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,22 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
                 f"MASTER_PORT={dist_env.master_port} on {dist_env.master_addr} is already in use (another "
                 f"run on this machine?): set MASTER_PORT to a free port") from None
         raise
+
+
+
+@contextmanager
+def process_group(dist_env: DistEnv, device: torch.device, timeout_s: int) -> Iterator[None]:
+    """`init` for the block, and the group destroyed on every way out of it, errors included: a gloo group
+    left to the interpreter's exit can abort the process ("terminate called without an active exception",
+    exit -6) after the error line was printed."""
+    init(dist_env, device, timeout_s)
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class Heartbeats:

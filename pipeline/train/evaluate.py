@@ -63,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = source.config(args.overrides)
     env = distributed.detect()
     device = distributed.choose_device(cfg.train.device, env.local_rank)
-    if env.world_size > 1:
-        distributed.init(env, device, cfg.train.collective_timeout_s)
-    model = checked_weights(source, args.ema, cfg)
-    model.to(device).eval()
-    loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
-    res = evaluate(model, loader, device, dtype)
+    group = (distributed.process_group(env, device, cfg.train.collective_timeout_s) if env.world_size > 1
+             else nullcontext())
+    with group:
+        model = checked_weights(source, args.ema, cfg)
+        model.to(device).eval()
+        loader = build_val_loader(cfg.data, env.rank, env.world_size, device)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
+        res = evaluate(model, loader, device, dtype)
     if res["count"] != loader.num_samples:
         raise PipelineError(f"evaluated {res['count']} images but the validation set has "
                             f"{loader.num_samples}")

@@ -33,11 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.train import checkpoint as ckpt
     from pipeline.train import distributed, engines
-    from pipeline.train.build import build_model, plan_for, plan_line
-    from pipeline.train.config import ConfigError, load_config
-    from pipeline.train.loop import StopFlag, Trainer
+    from pipeline.train.build import plan_for
+    from pipeline.train.config import load_config
+    from pipeline.train.loop import StopFlag
     from pipeline.train.losses import build_loss
 
     cfg = load_config(args.config, args.overrides)
@@ -53,7 +52,16 @@ def run(args: argparse.Namespace) -> int:
     # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
     # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
     plan = plan_for(cfg, env.world_size)  # before any process group: an indivisible batch is bad input
-    distributed.init(env, device, 2 * cfg.train.collective_timeout_s)
+    with distributed.process_group(env, device, 2 * cfg.train.collective_timeout_s):
+        return _train(cfg, backend, env, device, stop, loss, plan)
+
+
+def _train(cfg, backend, env, device, stop, loss, plan) -> int:
+    """Everything after the process group started: the run lock, resume, loaders, engine, the loop."""
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.build import build_model, plan_line
+    from pipeline.train.config import ConfigError
+    from pipeline.train.loop import Trainer
 
     output_dir = Path(cfg.output_dir)
     ckpt_dir = RunDir(output_dir).checkpoints
@@ -120,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
-    dist.destroy_process_group()
     return code
 
 
