@@ -31,6 +31,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def evals(run: Path) -> dict[int, dict]:
+    """step -> its eval record without the wall-clock time (a re-run evaluation: the later line)."""
+    return {m["step"]: {k: v for k, v in m.items() if k != "time"} for m in metrics(run) if m["kind"] == "eval"}
+
+
 def latest(run: Path) -> str:
     return (run / "checkpoints" / "latest").read_text().strip()
 
@@ -153,19 +158,13 @@ def test_exact_resume_after_sigkill(trainer, request, tmp_path, decode):
     # torch's global RNG state is saved but differs here by design: with loader workers, torch's
     # DataLoader draws worker base seeds from it (the validation loader at every epoch end). Training
     # never depends on it: the loop reseeds torch from (seed, step, rank) before every step.
-    # The best-epoch records follow the evaluations, whose losses differ in the 5th digit between the
-    # reference and the resumed run on both decode paths (e.g. 1.3860908 vs 1.3860655 at step 8) although
-    # every weight and train loss is bit-identical: with top-1 ties the best epoch can then differ. Open
-    # question for the evaluation, not the data path; the top-1 values are compared below instead.
     diffs = differences(ref_run / "checkpoints" / latest(ref_run), run / "checkpoints" / latest(run),
-                        ignore=("/rng/torch", "/best/"))
+                        ignore=("/rng/torch",))
     assert diffs == [], f"killed at step {killed_at}: {diffs[:10]}"
-    ref_eval = {m["step"]: m for m in metrics(ref_run) if m["kind"] == "eval"}
-    got_eval = {m["step"]: m for m in metrics(run) if m["kind"] == "eval"}
-    assert sorted(ref_eval) == sorted(got_eval) == [8, 16, 24]
-    for step, m in ref_eval.items():
-        assert abs(got_eval[step]["top1"] - m["top1"]) <= 100 / 16 + 1e-6, step  # one image of 16
-        assert got_eval[step]["loss"] == pytest.approx(m["loss"], rel=1e-3), step
+    # Evaluations too, exactly: they read BatchNorm's running statistics, which each rank updates from its
+    # own batches and only rank 0's file keeps; the trainer averages them over the ranks before every
+    # save and evaluation, else a resumed rank 1 evaluates with rank 0's (CI saw top-1 equal, loss 0.2% off).
+    assert sorted(evals(run)) == [8, 16, 24] and evals(run) == evals(ref_run)
     ref_loss = {m["step"]: m["loss"] for m in metrics(ref_run) if m["kind"] == "train"}
     loss = {m["step"]: m["loss"] for m in metrics(run) if m["kind"] == "train"}  # later lines win
     assert loss == ref_loss

@@ -140,6 +140,21 @@ def process_group(dist_env: DistEnv, device: torch.device, timeout_s: int) -> It
             dist.destroy_process_group()
 
 
+@torch.no_grad()
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace every tensor by its mean over all ranks, in place, with one all_reduce. The sum runs in
+    float64, so tensors already equal on every rank stay exactly as they are at any world size."""
+    import torch.distributed as dist
+
+    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(mean.view_as(t))
+
+
 class Heartbeats:
     """Each rank's last sign of life in rank 0's TCP store, so a rank stuck in a collective can name the
     peers that went silent (a cut link leaves them alive but unheard), or say that it cannot reach rank 0.

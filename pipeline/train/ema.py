@@ -42,6 +42,10 @@ class ShardedEma:
             else:
                 s.copy_(b)
 
+    def named_shadow_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The EMA's own copies of the module's buffers, by the module's buffer names."""
+        return [(name, s) for s, (name, _) in zip(self.shadow_buffers, self.buffers, strict=True)]
+
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 EMA on CPU (a collective under sharded parameters: call on every rank)."""

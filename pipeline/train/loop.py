@@ -182,6 +182,10 @@ def peer_loss(e: RuntimeError, step: int, rank: int) -> TrainingError | None:
     return None
 
 
+# Buffers each rank updates from its own batches (BatchNorm's running statistics).
+RANK_LOCAL_BUFFERS = ("running_mean", "running_var")
+
+
 class Trainer:
     def __init__(self, cfg: Config, plan: BatchPlan, engine: Engine, loss: Loss, ema, train_loader,
                  val_loader, device: torch.device, output_dir: Path, flops_per_image: float, stop: StopFlag,
@@ -215,6 +219,9 @@ class Trainer:
         self.best = BestSoFar()
         self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank, self.world)
         self.window = Window(device)
+        self.rank_local = [b for n, b in engine.module.named_buffers() if n.endswith(RANK_LOCAL_BUFFERS)]
+        if ema is not None:
+            self.rank_local += [b for n, b in ema.named_shadow_buffers() if n.endswith(RANK_LOCAL_BUFFERS)]
         self.step = 0  # optimizer steps done
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
@@ -265,8 +272,17 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
+    def share_running_stats(self) -> None:
+        """Average the rank-local BatchNorm statistics (model and EMA) over the ranks, as timm's
+        `--dist-bn reduce` does before its evaluations. Done before every evaluation and every save, so all
+        ranks evaluate one model, the saved model is the evaluated one, and a resume, which gives every
+        rank the buffers rank 0 saved, restores every rank's buffers exactly. Training itself never reads
+        them (BatchNorm normalises with the batch's statistics in training)."""
+        distributed.average_over_ranks(self.rank_local)
+
     def save(self) -> str:
         self.watchdog.enter(f"checkpoint save at step {self.step}")
+        self.share_running_stats()
         if not self._params_finite():
             raise TrainingError(f"non-finite weights at step {self.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
@@ -276,6 +292,7 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        self.share_running_stats()
         self.engine.eval()
         try:
             res = evaluate(self.engine, self.val_loader, self.device)
