@@ -33,7 +33,8 @@ def metrics(run: Path) -> list[dict]:
 
 def evals(run: Path) -> dict[int, dict]:
     """step -> its eval record without the wall-clock time (a re-run evaluation: the later line)."""
-    return {m["step"]: {k: v for k, v in m.items() if k != "time"} for m in metrics(run) if m["kind"] == "eval"}
+    return {m["step"]: {k: v for k, v in m.items() if k != "time"}
+            for m in metrics(run) if m["kind"] == "eval"}
 
 
 def latest(run: Path) -> str:
