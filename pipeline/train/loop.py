@@ -35,6 +35,7 @@ from pipeline.train.evaluate import evaluate
 from pipeline.train.losses import Loss
 from pipeline.train.metrics import BestSoFar, MetricsWriter, max_memory_gb, mfu
 from pipeline.train.run_dir import RunDir
+from pipeline.train.running_stats import RankLocalStats
 from pipeline.train.schedule import BatchPlan, lr_at
 from pipeline.train.trace import SampleTrace
 
@@ -182,10 +183,6 @@ def peer_loss(e: RuntimeError, step: int, rank: int) -> TrainingError | None:
     return None
 
 
-# Buffers each rank updates from its own batches (BatchNorm's running statistics).
-RANK_LOCAL_BUFFERS = ("running_mean", "running_var")
-
-
 class Trainer:
     def __init__(self, cfg: Config, plan: BatchPlan, engine: Engine, loss: Loss, ema, train_loader,
                  val_loader, device: torch.device, output_dir: Path, flops_per_image: float, stop: StopFlag,
@@ -219,9 +216,7 @@ class Trainer:
         self.best = BestSoFar()
         self.watchdog = Watchdog(cfg.train.collective_timeout_s, self.rank, self.world)
         self.window = Window(device)
-        self.rank_local = [b for n, b in engine.module.named_buffers() if n.endswith(RANK_LOCAL_BUFFERS)]
-        if ema is not None:
-            self.rank_local += [b for n, b in ema.named_shadow_buffers() if n.endswith(RANK_LOCAL_BUFFERS)]
+        self.running_stats = RankLocalStats(engine.module, ema)
         self.step = 0  # optimizer steps done
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
@@ -240,7 +235,8 @@ class Trainer:
         every checkpoint loads."""
         position = {"step": self.step, "world_size": self.world}
         return {"client": {"position": position, "best": self.best.state},
-                "rank": {"loader": self.train_loader.state_dict(), "rng": rng_state()},
+                "rank": {"loader": self.train_loader.state_dict(), "rng": rng_state(),
+                         "running_stats": self.running_stats.state_dict()},
                 "ema": self.ema.full_state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -265,6 +261,8 @@ class Trainer:
                 raise ckpt.CheckpointError("checkpoint has no EMA (ema.pt) but ema.enabled=true: "
                                            "set ema.enabled=false or resume from a run with EMA")
             self.ema.load_full_state_dict(state["ema"])
+        if saved["world_size"] == self.world:  # else every rank keeps the saved average
+            self.running_stats.load_state_dict(state["rank"].get("running_stats", {}))
 
     def _params_finite(self) -> bool:
         ok = all(torch.isfinite(self.engine.local_shard(p)).all() for p in self.engine.module.parameters())
@@ -272,27 +270,22 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
-    def share_running_stats(self) -> None:
-        """Average the rank-local BatchNorm statistics (model and EMA) over the ranks, as timm's
-        `--dist-bn reduce` does before its evaluations. Done before every evaluation and every save, so all
-        ranks evaluate one model, the saved model is the evaluated one, and a resume, which gives every
-        rank the buffers rank 0 saved, restores every rank's buffers exactly. Training itself never reads
-        them (BatchNorm normalises with the batch's statistics in training)."""
-        distributed.average_over_ranks(self.rank_local)
-
     def save(self) -> str:
         self.watchdog.enter(f"checkpoint save at step {self.step}")
-        self.share_running_stats()
         if not self._params_finite():
             raise TrainingError(f"non-finite weights at step {self.step}: not saving over the last good "
                                 f"checkpoint ({ckpt.read_latest(self.ckpt_dir)})")
         pos = self.position()  # in meta.json for people (and tests): derived, never read back
-        return ckpt.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.state_dict(), self.run_id,
-                         {"epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch})
+        with self.running_stats.averaged():  # the model saved is the model evaluated
+            return ckpt.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.state_dict(), self.run_id,
+                             {"epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch})
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        self.share_running_stats()
+        with self.running_stats.averaged():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         self.engine.eval()
         try:
             res = evaluate(self.engine, self.val_loader, self.device)
