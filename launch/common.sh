@@ -90,17 +90,17 @@ rmt_nccl_defaults() {
 
 # ---- SLURM batch job ------------------------------------------------------------------------------
 
-# SIGUSR1 to the batch shell: remember it, and while the trainer runs send it to the tasks, again every
-# 5 s until the trainer has acted on it (an "end" record in $RMT_METRICS since this start) or srun
-# ends: a task ignores USR1 until Python installs its handler (see rmt_srun), so copies sent in the
-# first seconds of a start are lost; the handler only sets a flag, repeats are harmless. No copy after
-# the "end" record: Python restores the default action while it shuts down, and USR1 would kill it.
+# SIGUSR1 to the batch shell: remember it, leave it in $RMT_STOP_REQUEST, then (while the trainer runs)
+# send it to the tasks. A task ignores USR1 until Python installs its handler (see rmt_srun), so a copy
+# sent in the first seconds of a start is lost; the trainer reads the file right after installing its
+# handler, so the file catches what arrived before, the handler what arrives after. No copy after the
+# trainer ends: Python restores the default action while it shuts down, and USR1 would kill it.
 rmt_on_usr1() {
   RMT_EARLY_SIGNAL=1
+  if [ -n "${RMT_STOP_REQUEST:-}" ]; then : > "$RMT_STOP_REQUEST"; fi
   if [ "${RMT_SRUN_WHAT:-}" = train ] && [ -n "${RMT_SRUN_PID:-}" ]; then
     rmt_log "SIGUSR1 (time limit or preemption warning): forwarding to the training tasks"
-    ( while ! tail -n +$((RMT_METRICS_AT_START + 1)) "$RMT_METRICS" 2>/dev/null | grep -q '"kind": "end"'
-      do kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || break; sleep 5; done ) &
+    kill -USR1 "$RMT_SRUN_PID" 2>/dev/null || true
   fi
 }
 
@@ -125,7 +125,6 @@ rmt_requeue_or_stop() { # $1: why
 # handler (an ignored signal stays ignored across exec): a default USR1 would kill it.
 rmt_srun() {
   RMT_SRUN_WHAT=$1
-  RMT_METRICS_AT_START=$(cat "$RMT_METRICS" 2>/dev/null | wc -l)
   local srun_opts=(--ntasks="$SLURM_NTASKS" --label --kill-on-bad-exit="$2" --wait="${SRUN_WAIT:-120}")
   shift 2
   # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05.
@@ -169,8 +168,10 @@ rmt_slurm_main() {
   local logs
   # the run dir's layout is Python's (pipeline/train/run_dir.py): asked once per start, never in a loop
   logs=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" logs) || rmt_fail "$PYTHON -m pipeline run-dir failed"
-  RMT_METRICS=$("$PYTHON" -m pipeline run-dir "$RUN_DIR" metrics) || rmt_fail "$PYTHON -m pipeline run-dir failed"
   mkdir -p "$logs" || rmt_fail "cannot create RUN_DIR=$RUN_DIR; set RUN_DIR to a writable folder"
+  # read by the trainer (pipeline/train/loop.py StopFlag); this start's request only
+  export RMT_STOP_REQUEST="$logs/stop-requested-$SLURM_JOB_ID"
+  rm -f "$RMT_STOP_REQUEST"
   # Everything below also goes to the run dir (the #SBATCH --output file cannot name it).
   exec > >(tee -a "$logs/slurm-$SLURM_JOB_ID.out") 2>&1
   local tee_pid=$!

@@ -288,3 +288,39 @@ def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(trainer, tmp_path):
     assert read_latest(run / "checkpoints") is not None  # `latest` names a complete checkpoint either way
     check = _cli("verify-checkpoint", str(run))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_stop_requested_before_the_trainer_took_signals_is_not_lost(trainer, tmp_path, monkeypatch):
+    """A USR1 that reached the SLURM batch shell while the trainer was still importing (its USR1 ignored)
+    is left in the file $RMT_STOP_REQUEST names (launch/common.sh): both ranks read it once their
+    handlers are in, train one step, save and exit 75. Without the file the same run trains on."""
+    request = tmp_path / "stop-requested"
+    request.touch()
+    monkeypatch.setenv("RMT_STOP_REQUEST", str(request))
+    config, run = trainer.config("faults_stop_request", **RUN)
+    stopped = trainer.run(config)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "a stop was requested before the trainer could take signals" in stopped.stdout
+    assert end_step(run) == 1 and read_latest(run / "checkpoints") == tag_for(1)
+    request.unlink()  # the launcher's next start begins without one
+    resumed = trainer.run(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stop was requested" not in resumed.stdout, resumed.stdout[-2000:]
+    assert end_step(run) == 16
+
+
+def test_a_late_usr1_after_the_run_cannot_kill_the_process():
+    """Python resets the handlers it set to the default action at exit, and USR1's default kills: once
+    the run is over (StopFlag.release), a time-limit warning arriving during shutdown is ignored."""
+    from pipeline.train.loop import StopFlag
+
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        StopFlag().install()
+        StopFlag.release()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # ignored: this test goes on
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -287,9 +287,9 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     """One job (1 node x 4 ranks) signalled at each early moment of a start, then left to finish:
     start 1: USR1 during the batch script's first command (before common.sh's trap): requeued;
     start 2: USR1 during preflight: requeued at once, nothing to save;
-    start 3: USR1 while the trainer imports (its USR1 still ignored): the re-sent copy reaches its handler
-    once installed: checkpoint, exit 75, requeued; start 4 resumes and finishes with the 2-node run's
-    weights (4 ranks on one host vs two hosts).
+    start 3: USR1 while the trainer imports (its USR1 still ignored, the copy srun forwards lost): the
+    trainer finds the shell's stop-request file once its handler is in: checkpoint, exit 75, requeued;
+    start 4 resumes and finishes with the 2-node run's weights (4 ranks on one host vs two hosts).
     Each USR1 is sent with kill(2) to the batch shell, the call slurmstepd makes for `--signal=B:USR1`:
     kill returns with the signal pending, so it lands in the moment under test however loaded the box
     (scancel's delivery is asynchronous; the 2-node preemption test uses it)."""
@@ -313,8 +313,15 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
           and bool(_processes("mn-node1", b"preflight")))
     usr1()
     _wait(mn_env, job_id, run_dir, until=lambda j: "start 3 (" in _log(run_dir, job_id)
-          and "ignored" in _trainer_usr1(run_dir))
+          and _trainer_usr1(run_dir) == ["ignored"] * 4)
+    trainers = _trainers(run_dir)
+    _hold(trainers)  # still importing: the copy srun forwards is discarded, only the file can carry it
+    assert [_usr1(pid) for pid in trainers] == ["ignored"] * 4, "a trainer took signals before the hold"
     usr1()
+    request = run_dir / "logs" / f"stop-requested-{job_id}"
+    _wait(mn_env, job_id, run_dir, until=lambda j: request.exists())
+    for pid in trainers:
+        os.kill(pid, signal.SIGCONT)
     job = _wait(mn_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "3"), log
@@ -324,6 +331,7 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
         assert "SIGUSR1 before training started: requeuing job" in start, start
         assert not re.search(r"^\d+: global batch", start, re.M), start
     assert "preflight:" not in starts[1] and "0: preflight: 4 ranks ok" in starts[2], log  # 1: skipped
+    assert "0: a stop was requested before the trainer could take signals" in starts[3], starts[3]
     assert "training stopped after saving a checkpoint (exit 75): requeuing job" in starts[3], starts[3]
     ends = [(m["reason"], m["step"]) for m in _metrics(run_dir) if m["kind"] == "end"]
     assert [reason for reason, _ in ends] == ["signal", "finished"] and ends[0][1] < MAX_STEPS, ends

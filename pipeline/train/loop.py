@@ -39,6 +39,8 @@ from pipeline.train.running_stats import RankLocalStats
 from pipeline.train.schedule import BatchPlan, lr_at
 from pipeline.train.trace import SampleTrace
 
+STOP_REQUEST_ENV = "RMT_STOP_REQUEST"
+
 
 class TrainingError(PipelineError, RuntimeError):
     """Training cannot go on (non-finite loss, hung or dead peer); the message names the step."""
@@ -48,7 +50,9 @@ class StopFlag:
     """Set by SIGUSR1/SIGTERM/SIGINT; the loop acts on it at the end of the current optimizer step.
 
     A second SIGINT (Ctrl-C twice) ends the process at once: a save in flight is left incomplete,
-    which never touches `latest` or the previous checkpoint.
+    which never touches `latest` or the previous checkpoint. A signal that reached the launcher before
+    this process could catch it is left in the file `$RMT_STOP_REQUEST` names (launch/common.sh), read
+    once the handlers are in: what came before is in the file, what comes after reaches the handler.
     """
 
     def __init__(self):
@@ -57,6 +61,15 @@ class StopFlag:
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
+        request = os.environ.get(STOP_REQUEST_ENV)
+        if request and os.path.exists(request):
+            self.requested = True
+
+    @staticmethod
+    def release() -> None:
+        """The run is over: a late SIGUSR1 (a time-limit warning during shutdown) is ignored from now on.
+        Python resets the handlers it set to the default action at exit, and USR1's default kills."""
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested:

@@ -48,12 +48,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     stop = StopFlag()
     stop.install()  # before anything slow, so an early signal is not lost
-    loss = build_loss(cfg)  # an unknown train.loss is bad input: named before anything is written
-    # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
-    # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
-    plan = plan_for(cfg, env.world_size)  # before any process group: an indivisible batch is bad input
-    with distributed.process_group(env, device, 2 * cfg.train.collective_timeout_s):
-        return _train(cfg, backend, env, device, stop, loss, plan)
+    if stop.requested and env.rank == 0:
+        print("a stop was requested before the trainer could take signals: stopping after the first step "
+              "(or at once if there is nothing to train)", flush=True)
+    try:
+        loss = build_loss(cfg)  # an unknown train.loss is bad input: named before anything is written
+        # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
+        # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
+        plan = plan_for(cfg, env.world_size)  # before any process group: an indivisible batch is bad input
+        with distributed.process_group(env, device, 2 * cfg.train.collective_timeout_s):
+            return _train(cfg, backend, env, device, stop, loss, plan)
+    finally:
+        stop.release()
 
 
 def _train(cfg, backend, env, device, stop, loss, plan) -> int:
