@@ -39,15 +39,18 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.train.loop import StopFlag
     from pipeline.train.losses import build_loss
 
+    # Before anything slow (DeepSpeed's import takes a second or more): until this, SIGTERM or Ctrl-C kills
+    # the process, and a SIGINT its parent ignores (a background job's) is lost.
+    stop = StopFlag()
+    stop.install()
     cfg = load_config(args.config, args.overrides)
     backend = engines.backend(cfg)
     env = distributed.detect()
     device = distributed.choose_device(cfg.train.device, env.local_rank)
     if args.print_deepspeed_config:
+        stop.release()
         print(json.dumps(backend.config(cfg, env.world_size, device.type), indent=2))
         return 0
-    stop = StopFlag()
-    stop.install()  # before anything slow, so an early signal is not lost
     if stop.requested and env.rank == 0:
         print("a stop was requested before the trainer could take signals: stopping after the first step "
               "(or at once if there is nothing to train)", flush=True)
