@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,9 @@ def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # a line being written right now (no newline yet) is left for the next read
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and line.strip()]
 
 
 def _tensors(obj, prefix=""):
@@ -166,15 +169,73 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _signal_when_training(env: dict[str, str], job_id: str, run_dir: Path) -> None:
-    """Send the time-limit warning (SIGUSR1 to the batch shell) once the trainer is past step 2."""
+def _signal_when_training(env: dict[str, str], job_id: str, run_dir: Path, ranks: int = 2) -> int:
+    """Send the time-limit warning (SIGUSR1 to the batch shell) once the trainer is past step 2; returns
+    the last step logged before it."""
     def training(job):
         steps = [m["step"] for m in _metrics(run_dir) if m["kind"] == "train"]
         return job["JobState"] == "RUNNING" and bool(steps) and steps[-1] >= 2
 
     job = _wait(env, job_id, run_dir, until=training)
     assert job["JobState"] == "RUNNING", f"job ended before the signal:\n{_log(run_dir, job_id)}"
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    return _preempt_held(env, job_id, run_dir, ranks)
+
+
+def _preempt_held(env: dict[str, str], job_id: str, run_dir: Path, ranks: int) -> int:
+    """`scancel --signal=USR1 --batch` with the trainer's ranks held (SIGSTOP) while the signal travels
+    (scancel -> batch shell -> srun -> each node's slurmstepd -> task), until it is pending in all of
+    them: however fast or slow the box, it cannot arrive after the run's last step. Returns the last step
+    logged before it."""
+    pids = _trainers(run_dir)
+    assert len(pids) == ranks, pids
+    _hold(pids)
+    try:
+        stopped_at = [m["step"] for m in _metrics(run_dir) if m["kind"] == "train"][-1]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+        deadline = time.monotonic() + 60
+        while (states := [_usr1(pid) for pid in pids]) != ["pending"] * ranks and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert states == ["pending"] * ranks, f"SIGUSR1 of the ranks {pids} after 60 s: {states}"
+    return stopped_at
+
+
+def _trainers(run_dir: Path) -> list[int]:
+    """PIDs of the running trainer tasks of this run, on every node."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and \
+                os.fsdecode(cmd[0]).rsplit("/", 1)[-1].startswith("python"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _usr1(pid: int) -> str:
+    """The process's SIGUSR1: 'pending' (sent, not yet handled), else 'caught', 'ignored' or 'default'."""
+    status, bit = _status(pid), 1 << (signal.SIGUSR1 - 1)
+    return next((name for key, name in (("ShdPnd", "pending"), ("SigPnd", "pending"), ("SigCgt", "caught"),
+                                        ("SigIgn", "ignored")) if int(status[key], 16) & bit), "default")
+
+
+def _hold(pids: list[int]) -> None:
+    """SIGSTOP the processes and wait until every one is stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while any(_status(pid)["State"][0] != "T" for pid in pids):
+        assert time.monotonic() < deadline, f"{pids} not all stopped after 30 s"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +268,7 @@ def test_preemption_requeues_resumes_and_matches_uninterrupted(slurm_env, tiny_s
                                                                 tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     job_id, run_dir = _submit(slurm_env, tmp, "preempted", tiny_shards)
-    _signal_when_training(slurm_env, job_id, run_dir)
+    stopped_at = _signal_when_training(slurm_env, job_id, run_dir)
     job = _wait(slurm_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
@@ -215,7 +276,8 @@ def test_preemption_requeues_resumes_and_matches_uninterrupted(slurm_env, tiny_s
 
     ends = [m for m in _metrics(run_dir) if m["kind"] == "end"]
     assert [e["reason"] for e in ends] == ["signal", "finished"], ends
-    assert 2 <= ends[0]["step"] < MAX_STEPS and ends[1]["step"] == MAX_STEPS
+    # within the step in progress or the next (a rank may already be in its stop vote)
+    assert stopped_at < ends[0]["step"] <= stopped_at + 2 < MAX_STEPS and ends[1]["step"] == MAX_STEPS
     assert f"resume from: {run_dir}/checkpoints/step_{ends[0]['step']:08d}" in log
 
     reference, resumed = _final_state(uninterrupted[1]), _final_state(run_dir)

@@ -32,6 +32,9 @@ from test_slurm import (
     _job,
     _log,
     _metrics,
+    _signal_when_training,
+    _status,
+    _usr1,
     _wait,
 )
 
@@ -97,7 +100,8 @@ def _submit(env, tmp: Path, name: str, shards: Path, nodes: int, tasks_per_node:
             run_dir: Path | None = None, sbatch_args=(), **job_vars: str) -> tuple[str, Path]:
     run_dir = run_dir or tmp / name
     job_env = dict(env, CONFIG=str(DEMO), RUN_DIR=str(run_dir), SHARDS=str(shards), PYTHON=sys.executable,
-                   PYTHONPATH=str(REPO), **job_vars)
+                   PYTHONPATH=str(REPO))
+    job_env.update(job_vars)
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
            "--gpus-per-node=0", "--cpus-per-task=1", "--time=30", f"--job-name=mn_{name}",
            f"--output={tmp}/{name}.out", *sbatch_args, str(SCRIPT), *OVERRIDES, *STEPS, *overrides]
@@ -155,29 +159,7 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
                                                               tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mn")
     job_id, run_dir = _submit(mn_env, tmp, "preempted", tiny_shards, nodes=2, tasks_per_node=2)
-
-    def training(job):
-        steps = _train_steps(run_dir)
-        return job["JobState"] == "RUNNING" and bool(steps) and steps[-1] >= 2
-
-    job = _wait(mn_env, job_id, run_dir, until=training)
-    assert job["JobState"] == "RUNNING", _log(run_dir, job_id)
-    # The ranks are held (SIGSTOP) while the signal travels (scancel -> batch shell -> srun -> each node's
-    # slurmstepd -> task), until it is pending in all four: however slow the box, it cannot arrive after
-    # the last step; then they go on and act on it.
-    ranks = _trainers(run_dir)
-    assert len(ranks) == 4, ranks
-    _hold(ranks)
-    try:
-        stopped_at = _train_steps(run_dir)[-1]
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=mn_env, check=True)
-        deadline = time.monotonic() + 60
-        while (states := [_usr1(pid) for pid in ranks]) != ["pending"] * 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        for pid in ranks:
-            os.kill(pid, signal.SIGCONT)
-    assert states == ["pending"] * 4, f"SIGUSR1 of the ranks {ranks} after 60 s: {states}"
+    stopped_at = _signal_when_training(mn_env, job_id, run_dir, ranks=4)
     job = _wait(mn_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
@@ -199,52 +181,6 @@ def test_preemption_across_nodes_requeues_resumes_and_matches(two_nodes, mn_env,
     assert not differ, f"{len(differ)} tensors differ (largest {largest:g}), e.g. {differ[:5]}"
 
 
-def _trainers(run_dir: Path) -> list[int]:
-    """PIDs of the running trainer tasks of this run, on every node."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"train" in cmd and f"output_dir={run_dir}".encode() in cmd and \
-                os.fsdecode(cmd[0]).rsplit("/", 1)[-1].startswith("python"):
-            pids.append(int(proc.name))
-    return pids
-
-
-def _status(pid: int) -> dict[str, str]:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-
-
-def _usr1(pid: int) -> str:
-    """The process's SIGUSR1: 'pending' (sent, not yet handled), else 'caught', 'ignored' or 'default'."""
-    status, bit = _status(pid), 1 << (signal.SIGUSR1 - 1)
-    return next((name for key, name in (("ShdPnd", "pending"), ("SigPnd", "pending"), ("SigCgt", "caught"),
-                                        ("SigIgn", "ignored")) if int(status[key], 16) & bit), "default")
-
-
-def _trainer_usr1(run_dir: Path) -> list[str]:
-    states = []
-    for pid in _trainers(run_dir):
-        try:
-            states.append(_usr1(pid))
-        except OSError:  # ended meanwhile
-            pass
-    return states
-
-
-def _hold(pids: list[int]) -> None:
-    """SIGSTOP the processes and wait until every one is stopped."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 30
-    while any(_status(pid)["State"][0] != "T" for pid in pids):
-        assert time.monotonic() < deadline, f"{pids} not all stopped after 30 s"
-        time.sleep(0.05)
-
-
 def _processes(ns: str, word: bytes) -> list[int]:
     """PIDs in netns `ns` whose command line contains `word`."""
     found = []
@@ -264,6 +200,14 @@ if [ "$1 $2" = "show job" ] && [ -e "$RMT_TEST_HOLD" ]; then
   touch "$RMT_TEST_HOLD.held"; while [ -e "$RMT_TEST_HOLD" ]; do sleep 0.1; done
 fi
 exec {real} "$@"
+"""
+# PYTHON for one job: holds each `python -m pipeline train` task before Python starts, its USR1 still
+# ignored (as while Python imports), while the hold file exists.
+HOLD_TRAIN = """#!/bin/bash
+if [ "$3" = train ] && [ -e "$RMT_TEST_TRAIN_HOLD" ]; then
+  touch "$RMT_TEST_TRAIN_HOLD.$SLURM_PROCID"; while [ -e "$RMT_TEST_TRAIN_HOLD" ]; do sleep 0.1; done
+fi
+exec {python} "$@"
 """
 
 
@@ -287,21 +231,26 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     """One job (1 node x 4 ranks) signalled at each early moment of a start, then left to finish:
     start 1: USR1 during the batch script's first command (before common.sh's trap): requeued;
     start 2: USR1 during preflight: requeued at once, nothing to save;
-    start 3: USR1 while the trainer imports (its USR1 still ignored, the copy srun forwards lost): the
-    trainer finds the shell's stop-request file once its handler is in: checkpoint, exit 75, requeued;
+    start 3: USR1 while the train tasks are held before Python starts (their USR1 ignored, as while
+    Python imports; the copy srun forwards is discarded): the trainer finds the shell's stop-request
+    file once its handler is in: checkpoint, exit 75, requeued;
     start 4 resumes and finishes with the 2-node run's weights (4 ranks on one host vs two hosts).
     Each USR1 is sent with kill(2) to the batch shell, the call slurmstepd makes for `--signal=B:USR1`:
     kill returns with the signal pending, so it lands in the moment under test however loaded the box
     (scancel's delivery is asynchronous; the 2-node preemption test uses it)."""
     tmp = tmp_path_factory.mktemp("mn")
-    hold, held = tmp / "hold", tmp / "hold.held"
+    hold, held, train_hold = tmp / "hold", tmp / "hold.held", tmp / "train_hold"
     hold.touch()
+    train_hold.touch()  # starts 1 and 2 never run the trainer
     (tmp / "bin").mkdir()
     (tmp / "bin" / "scontrol").write_text(HOLD_SCONTROL.format(real=shutil.which("scontrol")))
-    (tmp / "bin" / "scontrol").chmod(0o755)
+    (tmp / "train-python").write_text(HOLD_TRAIN.format(python=sys.executable))
+    for wrapper in (tmp / "bin" / "scontrol", tmp / "train-python"):
+        wrapper.chmod(0o755)
     job_id, run_dir = _submit(mn_env, tmp, "early", tiny_shards, nodes=1, tasks_per_node=4,
                               sbatch_args=["--nodelist=node1"], PATH=f"{tmp / 'bin'}:{os.environ['PATH']}",
-                              RMT_TEST_HOLD=str(hold))
+                              RMT_TEST_HOLD=str(hold), RMT_TEST_TRAIN_HOLD=str(train_hold),
+                              PYTHON=str(tmp / "train-python"))
 
     def usr1():
         os.kill(_batch_shell(job_id), signal.SIGUSR1)
@@ -312,16 +261,15 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     _wait(mn_env, job_id, run_dir, until=lambda j: "start 2 (" in _log(run_dir, job_id)
           and bool(_processes("mn-node1", b"preflight")))
     usr1()
-    _wait(mn_env, job_id, run_dir, until=lambda j: "start 3 (" in _log(run_dir, job_id)
-          and _trainer_usr1(run_dir) == ["ignored"] * 4)
-    trainers = _trainers(run_dir)
-    _hold(trainers)  # still importing: the copy srun forwards is discarded, only the file can carry it
-    assert [_usr1(pid) for pid in trainers] == ["ignored"] * 4, "a trainer took signals before the hold"
+    _wait(mn_env, job_id, run_dir, until=lambda j: len(list(tmp.glob("train_hold.*"))) == 4)
+    wrapper = os.fsencode(tmp / "train-python")
+    tasks = [pid for pid in _processes("mn-node1", wrapper)  # the held tasks, not srun (whose args name it)
+             if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:2] == [wrapper]]
+    assert [_usr1(pid) for pid in tasks] == ["ignored"] * 4, tasks  # the copy srun forwards is discarded
     usr1()
     request = run_dir / "logs" / f"stop-requested-{job_id}"
     _wait(mn_env, job_id, run_dir, until=lambda j: request.exists())
-    for pid in trainers:
-        os.kill(pid, signal.SIGCONT)
+    train_hold.unlink()  # the trainers start: only the file can tell them
     job = _wait(mn_env, job_id, run_dir)
     log = _log(run_dir, job_id)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "3"), log
