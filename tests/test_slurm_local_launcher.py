@@ -26,8 +26,9 @@ OVERRIDES = [TINY_MODEL, "train.epochs=50", "train.global_batch=8", "train.max_b
 
 def _train_steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    # a line being written right now (no newline yet) is left for the next read
+    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
 
 def test_local_launcher_checkpoints_on_sigterm_and_resumes(tiny_shards, tmp_path):
