@@ -201,14 +201,29 @@ if [ "$1 $2" = "show job" ] && [ -e "$RMT_TEST_HOLD" ]; then
 fi
 exec {real} "$@"
 """
-# PYTHON for one job: holds each `python -m pipeline train` task before Python starts, its USR1 still
-# ignored (as while Python imports), while the hold file exists.
-HOLD_TRAIN = """#!/bin/bash
-if [ "$3" = train ] && [ -e "$RMT_TEST_TRAIN_HOLD" ]; then
-  touch "$RMT_TEST_TRAIN_HOLD.$SLURM_PROCID"; while [ -e "$RMT_TEST_TRAIN_HOLD" ]; do sleep 0.1; done
+# PYTHON for one job: holds each `python -m pipeline $RMT_TEST_HOLD_COMMAND` task (on $RMT_TEST_HOLD_NODE
+# only, when set) before Python starts, while the hold file exists; a marker file per held task (rank).
+HOLD_PYTHON = """#!/bin/bash
+if [ "$3" = "$RMT_TEST_HOLD_COMMAND" ] && [ -e "$RMT_TEST_PYTHON_HOLD" ] \\
+    && [ "${{RMT_TEST_HOLD_NODE:-$SLURMD_NODENAME}}" = "$SLURMD_NODENAME" ]; then
+  touch "$RMT_TEST_PYTHON_HOLD.$SLURM_PROCID"; while [ -e "$RMT_TEST_PYTHON_HOLD" ]; do sleep 0.1; done
 fi
 exec {python} "$@"
 """
+
+
+def _python_hold(tmp: Path, command: str, node: str = "") -> tuple[Path, dict[str, str]]:
+    """The hold file (it exists: tasks will be held) and the job variables that put HOLD_PYTHON in place."""
+    wrapper, hold = tmp / "hold-python", tmp / "python_hold"
+    wrapper.write_text(HOLD_PYTHON.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    hold.touch()
+    return hold, {"PYTHON": str(wrapper), "RMT_TEST_PYTHON_HOLD": str(hold), "RMT_TEST_HOLD_COMMAND": command,
+                  "RMT_TEST_HOLD_NODE": node}
+
+
+def _held(hold: Path) -> list[Path]:
+    return list(hold.parent.glob(hold.name + ".*"))
 
 
 def _batch_shell(job_id: str) -> int:
@@ -239,18 +254,15 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     kill returns with the signal pending, so it lands in the moment under test however loaded the box
     (scancel's delivery is asynchronous; the 2-node preemption test uses it)."""
     tmp = tmp_path_factory.mktemp("mn")
-    hold, held, train_hold = tmp / "hold", tmp / "hold.held", tmp / "train_hold"
+    hold, held = tmp / "hold", tmp / "hold.held"
     hold.touch()
-    train_hold.touch()  # starts 1 and 2 never run the trainer
     (tmp / "bin").mkdir()
     (tmp / "bin" / "scontrol").write_text(HOLD_SCONTROL.format(real=shutil.which("scontrol")))
-    (tmp / "train-python").write_text(HOLD_TRAIN.format(python=sys.executable))
-    for wrapper in (tmp / "bin" / "scontrol", tmp / "train-python"):
-        wrapper.chmod(0o755)
+    (tmp / "bin" / "scontrol").chmod(0o755)
+    train_hold, python_vars = _python_hold(tmp, "train")  # starts 1 and 2 never run the trainer
     job_id, run_dir = _submit(mn_env, tmp, "early", tiny_shards, nodes=1, tasks_per_node=4,
                               sbatch_args=["--nodelist=node1"], PATH=f"{tmp / 'bin'}:{os.environ['PATH']}",
-                              RMT_TEST_HOLD=str(hold), RMT_TEST_TRAIN_HOLD=str(train_hold),
-                              PYTHON=str(tmp / "train-python"))
+                              RMT_TEST_HOLD=str(hold), **python_vars)
 
     def usr1():
         os.kill(_batch_shell(job_id), signal.SIGUSR1)
@@ -261,8 +273,8 @@ def test_one_node_four_ranks_early_signals_then_same_weights_as_two_nodes(two_no
     _wait(mn_env, job_id, run_dir, until=lambda j: "start 2 (" in _log(run_dir, job_id)
           and bool(_processes("mn-node1", b"preflight")))
     usr1()
-    _wait(mn_env, job_id, run_dir, until=lambda j: len(list(tmp.glob("train_hold.*"))) == 4)
-    wrapper = os.fsencode(tmp / "train-python")
+    _wait(mn_env, job_id, run_dir, until=lambda j: len(_held(train_hold)) == 4)
+    wrapper = os.fsencode(python_vars["PYTHON"])
     tasks = [pid for pid in _processes("mn-node1", wrapper)  # the held tasks, not srun (whose args name it)
              if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:2] == [wrapper]]
     assert [_usr1(pid) for pid in tasks] == ["ignored"] * 4, tasks  # the copy srun forwards is discarded
@@ -447,14 +459,17 @@ PREFLIGHT_TIMEOUT_S = 20
 
 
 def test_preflight_fails_the_job_when_a_node_cannot_reach_rank_0(mn_env, tiny_shards, tmp_path_factory):
-    """node2 loses its route to node1 as its preflight starts: the job fails naming node2, no training."""
+    """node2 loses its route to node1 as its preflight starts (its tasks held until the route is gone):
+    the job fails naming node2, no training."""
     tmp = tmp_path_factory.mktemp("mn")
     t0 = time.monotonic()
+    hold, python_vars = _python_hold(tmp, "preflight", node="node2")
     job_id, run_dir = _submit(mn_env, tmp, "unreachable", tiny_shards, nodes=2, tasks_per_node=2,
-                              PREFLIGHT_TIMEOUT=str(PREFLIGHT_TIMEOUT_S))
-    _wait(mn_env, job_id, run_dir, until=lambda j: bool(_processes("mn-node2", b"preflight")))
+                              PREFLIGHT_TIMEOUT=str(PREFLIGHT_TIMEOUT_S), **python_vars)
+    _wait(mn_env, job_id, run_dir, until=lambda j: len(_held(hold)) == 2)  # node2's two, before Python
     route = ["ip", "-n", "mn-node2", "route", "add", "blackhole", f"{NODE_IP['node1']}/32"]
     subprocess.run(route, check=True)
+    hold.unlink()
     try:
         _log_until(run_dir, job_id, r"^0: error: preflight", 3 * PREFLIGHT_TIMEOUT_S)
         failed_after = time.monotonic() - t0
