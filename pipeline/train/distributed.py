@@ -124,7 +124,6 @@ def init(dist_env: DistEnv, device: torch.device, timeout_s: int) -> None:
         raise
 
 
-
 @contextmanager
 def process_group(dist_env: DistEnv, device: torch.device, timeout_s: int) -> Iterator[None]:
     """`init` for the block, and the group destroyed on every way out of it, errors included: a gloo group

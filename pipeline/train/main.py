@@ -43,18 +43,17 @@ def run(args: argparse.Namespace) -> int:
     # the process, and a SIGINT its parent ignores (a background job's) is lost.
     stop = StopFlag()
     stop.install()
-    cfg = load_config(args.config, args.overrides)
-    backend = engines.backend(cfg)
-    env = distributed.detect()
-    device = distributed.choose_device(cfg.train.device, env.local_rank)
-    if args.print_deepspeed_config:
-        stop.release()
-        print(json.dumps(backend.config(cfg, env.world_size, device.type), indent=2))
-        return 0
-    if stop.requested and env.rank == 0:
-        print("a stop was requested before the trainer could take signals: stopping after the first step "
-              "(or at once if there is nothing to train)", flush=True)
     try:
+        cfg = load_config(args.config, args.overrides)
+        backend = engines.backend(cfg)
+        env = distributed.detect()
+        device = distributed.choose_device(cfg.train.device, env.local_rank)
+        if args.print_deepspeed_config:
+            print(json.dumps(backend.config(cfg, env.world_size, device.type), indent=2))
+            return 0
+        if stop.requested and env.rank == 0:
+            print("a stop was requested before the trainer could take signals: stopping after the first "
+                  "step (or at once if there is nothing to train)", flush=True)
         loss = build_loss(cfg)  # an unknown train.loss is bad input: named before anything is written
         # The trainer's watchdog ends a phase stuck past collective_timeout_s with a message naming the
         # step; the backend's own timeout is only a backstop (gloo may abort the process without a word).
