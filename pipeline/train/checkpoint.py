@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from pipeline.models.checkpoints import CheckpointError
 from pipeline.train import checkpoint_verify as verify
+from pipeline.train import distributed
 from pipeline.train.config import (
     Config,
     ConfigError,
@@ -142,7 +143,9 @@ def choose_resume(ckpt_dir: Path, log) -> str | None:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     skipped = []
-    for tag in reversed(step_dirs(ckpt_dir)):
+    # rank 0's listing: a rank listing after rank 0 set a tag aside would check other tags than rank 0,
+    # their collectives would not pair, and the resume would hang (seen after a SIGKILL mid-save)
+    for tag in reversed(distributed.from_rank0(step_dirs(ckpt_dir) if rank == 0 else None)):
         found = verified_problems(ckpt_dir / tag)
         if not found:
             if skipped:
@@ -221,11 +224,7 @@ def save(engine, ckpt_dir: Path, step: int, cfg: Config, state: dict, run_id: st
     except (OSError, RuntimeError) as e:
         raise _save_error(e, tag_dir) from e
     _barrier()  # every rank's files are on disk
-    names = verify.checkpoint_files(tag_dir) if rank == 0 else None
-    if dist.is_initialized():
-        box = [names]
-        dist.broadcast_object_list(box, src=0)
-        names = box[0]
+    names = distributed.from_rank0(verify.checkpoint_files(tag_dir) if rank == 0 else None)
     shares = _gather(verify.file_records(tag_dir, _shares(names)))
     records = {k: v for part in shares for k, v in part.items()}
     if rank == 0:

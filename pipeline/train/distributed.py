@@ -139,6 +139,17 @@ def process_group(dist_env: DistEnv, device: torch.device, timeout_s: int) -> It
             dist.destroy_process_group()
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` (picklable) on every rank: for what every rank must decide alike."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.no_grad()
 def average_over_ranks(tensors: list[torch.Tensor]) -> None:
     """Replace every tensor by its mean over all ranks, in place, with one all_reduce. The sum runs in

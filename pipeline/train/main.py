@@ -141,12 +141,13 @@ def _train(cfg, backend, env, device, stop, loss, plan) -> int:
 
 def _agree(error: str | None) -> None:
     """Collective: every rank raises rank 0's error (a CheckpointError) so no rank waits for the others."""
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
+    from pipeline.train import distributed
+
+    error = distributed.from_rank0(error)
+    if error:
         from pipeline.train.checkpoint import CheckpointError
 
-        raise CheckpointError(box[0])
+        raise CheckpointError(error)
 
 
 def _take_run_dir(output_dir: Path, rank: int):
@@ -205,9 +206,9 @@ def _new_run_id() -> str:
     """The same on every rank (rank 0's), recorded in every checkpoint of the run."""
     import uuid
 
-    box = [uuid.uuid4().hex[:12]]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    from pipeline.train import distributed
+
+    return distributed.from_rank0(uuid.uuid4().hex[:12])
 
 
 def _record_config(cfg, output_dir: Path, resumed_tag: str | None) -> None:
