@@ -328,3 +328,18 @@ def test_a_late_usr1_after_the_run_cannot_kill_the_process():
     finally:  # pytest's own, whatever it inherited (a background job's ignored SIGINT included)
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_two_ranks_set_an_unfinished_newest_checkpoint_aside_and_resume(trainer, tmp_path):
+    """A SIGKILL in the middle of a save leaves a step dir without meta.json. On the resume rank 0 sets it
+    aside; every rank must walk the same list of checkpoints, or rank 1, listing after the rename, checks
+    another one and the collectives never pair (a hang a CI run hit)."""
+    config, run = trainer.config("faults_two_ranks", **RUN)
+    assert trainer.run(config).returncode == 0
+    ckpt = run / "checkpoints"
+    (ckpt / tag_for(16) / "meta.json").unlink()  # what a kill before the save's last write leaves
+    proc = trainer.run(config)  # a hang fails here, after 300 s
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {ckpt / tag_for(16)} is incomplete" in proc.stdout, proc.stdout[-3000:]
+    assert f"resumed from {ckpt / tag_for(12)} at step 12" in proc.stdout
+    assert end_step(run) == 16 and read_latest(ckpt) == tag_for(16)
